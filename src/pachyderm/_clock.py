@@ -1,0 +1,41 @@
+"""The injected clock: the runtime reads time only through it, so a simulation can replace it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+__all__ = ["Clock", "SystemClock"]
+
+
+class Clock(Protocol):
+    """Where the runtime gets time from."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back (timeouts, idle times)."""
+        ...
+
+    def wall(self) -> float:
+        """Seconds since the Unix epoch (stored timestamps such as receipt times)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``. Cancellation stops the wait and nothing else."""
+        ...
+
+
+class SystemClock:
+    """The real clock: the event loop's monotonic time and the system's wall time."""
+
+    __slots__ = ()
+
+    def monotonic(self) -> float:
+        # The same clock as asyncio's default event loop (`loop.time()`), without the lookup.
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)

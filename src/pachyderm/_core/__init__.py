@@ -1,0 +1,1 @@
+"""The sans-I/O core: data and decisions, no clock, no randomness, no I/O."""

@@ -1,0 +1,112 @@
+"""A resident entity: the in-memory record of one entity this node serves (sans-I/O data)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .._entity import EntityInfo
+
+__all__ = ["LOADING", "READY", "STALE", "Call", "Resident"]
+
+# Resident phases.
+LOADING = 0  # its row is being read; calls wait in the mailbox
+READY = 1  # `version`/`data` are the latest committed state
+STALE = 2  # the cache is not trusted (lost a commit, or an indeterminate one): reload first
+
+
+class Call:
+    """One caller's message: queued in a mailbox, then run, then answered after its commit.
+
+    ``future`` is the caller's, resolved once, after the output gate. Once run, ``version`` is the
+    version it produced (``None``: it failed and the state did not change), ``data`` that state's
+    bytes, and ``result`` the reply value or the exception to raise.
+    """
+
+    __slots__ = ("data", "future", "idempotency_key", "message", "result", "version")
+
+    def __init__(
+        self, message: Any, future: asyncio.Future[Any], idempotency_key: str | None
+    ) -> None:
+        self.message = message
+        self.future = future
+        self.idempotency_key = idempotency_key
+        self.version: int | None = None
+        self.data: bytes | None = None
+        self.result: Any = None
+
+
+class Resident:
+    """One entity held in memory.
+
+    Mutable state, changed only by the world's runner, loader and commit completion, all on the
+    event loop: ``phase``, ``version``/``data`` (latest committed), ``tip_*`` (the state the next
+    activation runs on: committed plus ``inflight`` plus ``pending``), ``mailbox``, ``inflight``
+    (calls in the write being committed), ``pending`` (calls run since), ``scheduled``, ``busy``
+    (an async handler is running), ``queued`` (calls accepted and not yet answered), ``error``
+    (why the entity cannot run, e.g. a newer stored version), ``used`` (clock time of last use).
+    """
+
+    __slots__ = (
+        "busy",
+        "data",
+        "error",
+        "generation",
+        "idempotent",
+        "inflight",
+        "info",
+        "key",
+        "loaded",
+        "mailbox",
+        "pending",
+        "phase",
+        "queued",
+        "ref",
+        "scheduled",
+        "tip_data",
+        "tip_obj",
+        "tip_version",
+        "type_version",
+        "used",
+        "version",
+    )
+
+    def __init__(self, info: EntityInfo, key: str, now: float) -> None:
+        self.info = info
+        self.key = key
+        self.ref = (info.name, key)
+        self.phase = LOADING
+        self.version = 0
+        self.data = b""
+        self.type_version = info.version
+        self.tip_version = 0
+        self.tip_data = b""
+        # The decoded tip when its type is immutable (so it can be shared), else None.
+        self.tip_obj: Any = None
+        # Lists, not deques: an empty deque costs 760 bytes, and the runner takes a whole turn's
+        # worth of calls at once with one slice.
+        self.mailbox: list[Call] | None = None
+        self.inflight: list[Call] | None = None
+        self.pending: list[Call] | None = None
+        self.scheduled = False
+        self.busy = False
+        # Counts undos (lost writes): an async handler's result from an older generation is stale.
+        self.generation = 0
+        self.queued = 0
+        self.error: BaseException | None = None
+        self.used = now
+        # Futures of callers waiting for this resident to be loaded (for read and follow).
+        self.loaded: list[asyncio.Future[None]] | None = None
+        # idempotency key -> the future of the call that carries it, while it is unanswered.
+        self.idempotent: dict[str, asyncio.Future[Any]] | None = None
+
+    def quiescent(self) -> bool:
+        """True when nothing is queued, running or committing: it may be passivated."""
+        return (
+            self.queued == 0
+            and not self.busy
+            and self.inflight is None
+            and self.pending is None
+            and self.phase != LOADING
+            and not self.mailbox
+        )

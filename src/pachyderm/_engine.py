@@ -1,0 +1,626 @@
+"""The engine under a world: residents, the loader, the runner, commits and passivation.
+
+The life of an activation: ``World.activate`` checks the ref (no I/O) and puts a ``Call`` in the
+entity's bounded mailbox. The *loader* reads entities that are not resident, in batches. The
+*runner* takes entities with mail, runs their handlers on the tip state (pure: a fresh decoded state
+per run), encodes the results and sends one conditional ``Write`` per entity to the backend, many
+entities per commit. Only when the backend says a write committed (the output gate) are callers
+answered and followers told. While an entity's write is in flight its next messages run on the
+uncommitted tip and are committed together in its next write (write coalescing); if a write loses,
+everything run on top of it is run again on the reloaded state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import Any, Final
+
+from ._clock import Clock
+from ._codec import IMMUTABLE, UNTYPED, PickleCodec
+from ._core._follow import Channel
+from ._core._resident import LOADING, READY, STALE, Call, Resident
+from ._entity import EntityInfo, Update
+from ._errors import (
+    ActivationFailed,
+    IncompatibleVersion,
+    Indeterminate,
+    PachydermError,
+    Rejected,
+    SerializationError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+)
+from ._options import WorldOptions
+from .backends._base import Backend, Receipt, Stored, Write
+
+__all__ = ["Engine"]
+
+_LOAD_BATCH: Final = 1000
+_NOTHING: Final[frozenset[type]] = frozenset()
+_EXPECTED: Final = (Timeout, SerializationError, TooLarge, Rejected)
+
+
+class Engine:
+    """Runs the entities of one world on one backend.
+
+    Mutable state, touched only on the event loop: ``residents`` (LRU order), ``_ready`` (entities
+    with work for the runner), ``_to_load``, ``channels`` (followers by entity), ``commits``
+    (commit tasks in flight), ``stats``.
+    """
+
+    def __init__(self, backend: Backend, options: WorldOptions, clock: Clock) -> None:
+        self.backend = backend
+        self.options = options
+        self.clock = clock
+        self.residents: OrderedDict[tuple[str, str], Resident] = OrderedDict()
+        self.channels: dict[tuple[str, str], set[Channel]] = {}
+        self.commits: set[asyncio.Task[None]] = set()
+        self.stats = {
+            "activations": 0,
+            "failures": 0,
+            "commits": 0,
+            "writes": 0,
+            "conflicts": 0,
+            "loads": 0,
+            "passivated": 0,
+        }
+        self._ready: deque[Resident] = deque()
+        self._to_load: dict[tuple[str, str], Resident] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._run_waiter: asyncio.Future[None] | None = None
+        self._load_waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        for coro in (self._run(), self._load_loop(), self._sweep_loop()):
+            self._tasks.append(loop.create_task(coro))
+
+    def busy(self) -> bool:
+        """True while any accepted call is unanswered or any commit is in flight."""
+        if self.commits:
+            return True
+        return any(not r.quiescent() for r in self.residents.values())
+
+    async def stop(self) -> None:
+        """Finish accepted work (bounded by the tasks being alive), then stop the tasks."""
+        # Polled, and only at shutdown: an event would cost the hot path a check per answer.
+        while self.busy() and not all(t.done() for t in self._tasks):  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for channels in self.channels.values():
+            for channel in channels:
+                channel.close()
+        self.channels.clear()
+
+    # ------------------------------------------------------------------ residents and loading
+
+    def resident(self, info: EntityInfo, key: str) -> Resident:
+        """Return the resident entity, creating it (and asking for its load) if needed."""
+        ref = (info.name, key)
+        resident = self.residents.get(ref)
+        if resident is not None:
+            self.residents.move_to_end(ref)
+            return resident
+        resident = Resident(info, key, self.clock.monotonic())
+        self.residents[ref] = resident
+        self._request_load(resident)
+        if len(self.residents) > self.options.max_resident:
+            self._evict_over_limit()
+        return resident
+
+    def _request_load(self, resident: Resident) -> None:
+        resident.phase = LOADING
+        self._to_load[resident.ref] = resident
+        waiter = self._load_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def loaded(self, info: EntityInfo, key: str) -> Resident:
+        """Return the resident entity once its committed state is known.
+
+        Raises the entity's error (``IncompatibleVersion``, ...) if it cannot be used here.
+        """
+        assert self._loop is not None
+        while True:
+            resident = self.resident(info, key)
+            if resident.phase == READY:
+                if resident.error is not None:
+                    raise resident.error
+                return resident
+            future: asyncio.Future[None] = self._loop.create_future()
+            if resident.loaded is None:
+                resident.loaded = []
+            resident.loaded.append(future)
+            await future
+
+    async def _load_loop(self) -> None:
+        assert self._loop is not None
+        while True:
+            if not self._to_load:
+                self._load_waiter = self._loop.create_future()
+                await self._load_waiter
+                continue
+            batch = [self._to_load.pop(ref) for ref in list(self._to_load)[:_LOAD_BATCH]]
+            try:
+                rows: Sequence[Stored | None] = await self.backend.load_many([r.ref for r in batch])
+            except PachydermError as exc:
+                for resident in batch:
+                    self._fail_load(resident, exc)
+                continue
+            self.stats["loads"] += len(batch)
+            for resident, row in zip(batch, rows, strict=True):
+                self._install(resident, row)
+
+    def _fail_load(self, resident: Resident, exc: BaseException) -> None:
+        if self.residents.get(resident.ref) is resident:
+            del self.residents[resident.ref]
+        calls, resident.mailbox = resident.mailbox or [], None
+        for call in calls:
+            self._answer(resident, call, exc)
+        self._wake_loaded(resident, exc)
+
+    def _wake_loaded(self, resident: Resident, exc: BaseException | None = None) -> None:
+        waiters, resident.loaded = resident.loaded, None
+        for future in waiters or ():
+            if not future.done():
+                if exc is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(exc)
+
+    def _install(self, resident: Resident, row: Stored | None) -> None:
+        """Make a loaded row the resident's committed state (upgrading or refusing it)."""
+        info = resident.info
+        resident.error = None
+        try:
+            if row is None:
+                version, data = 0, self._encode_init(resident)
+            elif row.type_version > info.version:
+                version, data = row.version, b""
+                resident.error = IncompatibleVersion(
+                    f"{info.name}:{resident.key!r:.60} was stored by version {row.type_version} "
+                    f"of the type; this code is version {info.version}"
+                )
+            elif row.type_version < info.version:
+                version, data = row.version, self._upgrade(resident, row)
+            else:
+                version, data = row.version, row.data
+                info.codec.decode(data)  # refuse bytes that do not fit the declared type now
+        except PachydermError as exc:
+            version, data = (0 if row is None else row.version), b""
+            resident.error = exc
+        resident.version = resident.tip_version = version
+        resident.data = resident.tip_data = data
+        resident.tip_obj = None
+        resident.phase = READY
+        channels = self.channels.get(resident.ref)
+        if channels and resident.error is None:
+            for channel in channels:  # another writer may have moved it on: tell followers
+                channel.push(version, data)
+        self._wake_loaded(resident)
+        if resident.mailbox:
+            self.schedule(resident)
+
+    def _encode_init(self, resident: Resident) -> bytes:
+        entity = resident.info.cls(resident.key)
+        try:
+            state = entity.init()
+        except Exception as exc:
+            raise _failed(resident.info, exc, "init") from exc
+        return resident.info.codec.encode(state)
+
+    def _upgrade(self, resident: Resident, row: Stored) -> bytes:
+        info = resident.info
+        raw_codec = info.codec if isinstance(info.codec, PickleCodec) else UNTYPED
+        raw = raw_codec.decode(row.data)
+        entity = info.cls(resident.key)
+        try:
+            state = entity.upgrade(raw, row.type_version)
+        except Exception as exc:
+            raise _failed(info, exc, "upgrade") from exc
+        data = info.codec.encode(state)
+        info.codec.decode(data)
+        return data
+
+    # ------------------------------------------------------------------ running
+
+    def schedule(self, resident: Resident) -> None:
+        if resident.scheduled:
+            return
+        resident.scheduled = True
+        self._ready.append(resident)
+        waiter = self._run_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _run(self) -> None:
+        """The runner: executes ready entities and sends their writes, turn after turn."""
+        assert self._loop is not None
+        ready = self._ready
+        max_batch = self.options.max_batch
+        while True:
+            if not ready:
+                self._run_waiter = self._loop.create_future()
+                await self._run_waiter
+                continue
+            writes: list[Write] = []
+            owners: list[Resident] = []
+            for _ in range(len(ready)):
+                resident = ready.popleft()
+                resident.scheduled = False
+                if resident.phase != READY or resident.busy:
+                    continue
+                try:
+                    self._execute(resident)
+                except Exception as exc:  # a bug in the engine: fail these calls, keep serving
+                    self._crash(resident, exc)
+                    continue
+                if resident.mailbox:
+                    self.schedule(resident)  # used its turn budget: back of the line
+                if resident.inflight is None and resident.pending:
+                    write = self._seal(resident)
+                    if write is not None:
+                        writes.append(write)
+                        owners.append(resident)
+                        if len(writes) >= max_batch:
+                            self._send(writes, owners)
+                            writes, owners = [], []
+            if writes:
+                self._send(writes, owners)
+            # Let callers run and fill the mailboxes before the next turn.
+            await asyncio.sleep(0)
+
+    def _execute(self, resident: Resident) -> None:
+        """Run queued calls of one entity on its tip state, up to its turn budget."""
+        mailbox = resident.mailbox
+        if not mailbox:
+            return
+        budget = self.options.turn_budget
+        if len(mailbox) <= budget:
+            batch, resident.mailbox = mailbox, None
+        else:
+            batch = mailbox[:budget]
+            del mailbox[:budget]
+        info = resident.info
+        codec = info.codec
+        encode, decode = codec.encode, codec.decode
+        cls = info.cls
+        # Immutable results are shared, not copied, unless a declared type must validate them.
+        shareable = IMMUTABLE if info.codec is UNTYPED else _NOTHING
+        timeout = self.options.activation_timeout
+        limit = self.options.max_state_bytes
+        monotonic = self.clock.monotonic
+        pending = resident.pending
+        if pending is None:
+            pending = resident.pending = []
+        # Written back to the resident after each success; kept in locals for speed.
+        tip, tip_data, tip_obj = resident.tip_version, resident.tip_data, resident.tip_obj
+        ran = 0
+        for call in batch:
+            if call.future.done():  # timed out or cancelled while queued: nothing happens
+                resident.queued -= 1
+                continue
+            if resident.error is not None:
+                call.result = resident.error
+                pending.append(call)
+                continue
+            entity = cls.__new__(cls)
+            entity.key = resident.key
+            started = monotonic() if timeout is not None else 0.0
+            try:
+                # A fresh state per run: a handler that mutates and then raises leaks nothing.
+                new = entity.activate(
+                    call.message, tip_obj if tip_obj is not None else (decode(tip_data))
+                )
+                if info.is_async:
+                    rest = batch[batch.index(call) + 1 :]
+                    self._run_async(resident, call, new, rest)
+                    break
+                if timeout is not None and monotonic() - started > timeout:
+                    raise Timeout(f"the handler ran longer than {timeout} s; result discarded")
+                if type(new) is Update:
+                    new = _unwrap(info, new)
+                data = encode(new)
+                if len(data) > limit:
+                    raise TooLarge(
+                        f"the new state is {len(data)} bytes; max_state_bytes is {limit}"
+                    )
+                if type(new) in shareable:
+                    call.result = tip_obj = new
+                else:
+                    # A fresh copy for the caller; it also checks the bytes against the type.
+                    call.result = decode(data)
+                    tip_obj = None
+            except _EXPECTED as exc:
+                call.result = exc
+            except Exception as exc:
+                call.result = _failed(info, exc)
+            else:
+                tip += 1
+                call.version = tip
+                call.data = tip_data = data
+                ran += 1
+            pending.append(call)
+        resident.tip_version, resident.tip_data, resident.tip_obj = tip, tip_data, tip_obj
+        self.stats["activations"] += ran
+
+    def _result(self, resident: Resident, call: Call, new: Any) -> None:
+        """Encode an async handler's result on top of the tip (raises if it cannot be stored)."""
+        if type(new) is Update:
+            new = _unwrap(resident.info, new)
+        codec = resident.info.codec
+        data = codec.encode(new)
+        limit = self.options.max_state_bytes
+        if len(data) > limit:
+            raise TooLarge(f"the new state is {len(data)} bytes; max_state_bytes is {limit}")
+        call.result = codec.decode(data)
+        resident.tip_obj = new if type(new) in IMMUTABLE and codec is UNTYPED else None
+        call.version = resident.tip_version = resident.tip_version + 1
+        call.data = resident.tip_data = data
+        self.stats["activations"] += 1
+
+    def _run_async(self, resident: Resident, call: Call, coro: Any, rest: list[Call]) -> None:
+        """Run an ``async def`` handler as its own task; the entity waits for it (one at a time)."""
+        assert self._loop is not None
+        if rest:  # the calls after it wait their turn, at the front of the mailbox
+            resident.mailbox = rest + (resident.mailbox or [])
+        resident.busy = True
+        self._loop.create_task(self._finish_async(resident, call, coro))
+
+    async def _finish_async(self, resident: Resident, call: Call, coro: Any) -> None:
+        timeout = self.options.activation_timeout
+        generation = resident.generation
+        task = asyncio.ensure_future(coro)
+        # A caller that gives up (timeout or cancellation) stops the handler as well.
+        call.future.add_done_callback(lambda _: task.cancel())
+        try:
+            await asyncio.wait({task}, timeout=timeout)
+            if not task.done():
+                task.cancel()
+                raise Timeout(f"the handler ran longer than {timeout} s; it was cancelled")
+            if task.cancelled():
+                raise Timeout("the call was withdrawn while its handler ran")
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+            self._result(resident, call, task.result())
+        except _EXPECTED as exc:
+            call.result = exc
+        except Exception as exc:
+            call.result = _failed(resident.info, exc)
+        resident.busy = False
+        if generation != resident.generation:
+            # The state it ran on was undone meanwhile (a lost write): run it again.
+            call.version = call.data = call.result = None
+            resident.mailbox = [call, *(resident.mailbox or [])]
+        else:
+            if resident.pending is None:
+                resident.pending = []
+            resident.pending.append(call)
+        self.schedule(resident)
+
+    def _crash(self, resident: Resident, exc: Exception) -> None:
+        error = Unavailable(f"internal error while running {resident.info.name}: {exc!r}")
+        error.__cause__ = exc
+        calls = (resident.pending or []) + (resident.mailbox or [])
+        resident.pending = resident.mailbox = None
+        for call in calls:
+            self._answer(resident, call, error)
+        resident.tip_version, resident.tip_data, resident.tip_obj = (
+            resident.version,
+            resident.data,
+            None,
+        )
+
+    def _seal(self, resident: Resident) -> Write | None:
+        """Turn pending calls into a write; answer them now if none changed the state."""
+        pending = resident.pending
+        assert pending is not None
+        resident.pending = None
+        if resident.tip_version == resident.version:
+            for call in pending:  # only failures: nothing to commit, nothing to wait for
+                self._answer(resident, call, call.result)
+            return None
+        resident.inflight = pending
+        receipts: tuple[Receipt, ...] = ()
+        if resident.idempotent:
+            now = self.clock.wall()
+            receipts = tuple(
+                Receipt(c.idempotency_key, c.version, c.data, now)
+                for c in pending
+                if c.idempotency_key is not None and c.version is not None and c.data is not None
+            )
+        return Write(
+            resident.info.name,
+            resident.key,
+            resident.version,
+            resident.tip_version,
+            resident.info.version,
+            resident.tip_data,
+            receipts,
+        )
+
+    def _send(self, writes: list[Write], owners: list[Resident]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(self._commit(writes, owners))
+        self.commits.add(task)
+        task.add_done_callback(self.commits.discard)
+
+    async def _commit(self, writes: list[Write], owners: list[Resident]) -> None:
+        """Commit a batch, then (output gate) answer callers and tell followers."""
+        self.stats["commits"] += 1
+        self.stats["writes"] += len(writes)
+        try:
+            outcome: Sequence[bool] = await self.backend.commit(writes)
+        except Indeterminate as exc:
+            for resident in owners:
+                self._lost(resident, exc, reload=True)
+            return
+        except PachydermError as exc:
+            for resident in owners:
+                self._lost(resident, exc, reload=False)
+            return
+        except Exception as exc:
+            error = Unavailable(f"the backend failed: {exc!r}")
+            error.__cause__ = exc
+            for resident in owners:
+                self._lost(resident, error, reload=True)
+            return
+        now = self.clock.monotonic()
+        channels_of = self.channels.get
+        schedule = self.schedule
+        for write, resident, won in zip(writes, owners, outcome, strict=True):
+            if not won:
+                self.stats["conflicts"] += 1
+                self._rerun(resident)
+                continue
+            inflight = resident.inflight
+            assert inflight is not None
+            resident.inflight = None
+            resident.version = write.version
+            resident.data = write.data
+            resident.used = now
+            channels = channels_of(resident.ref) if self.channels else None
+            for call in inflight:
+                if channels and call.version is not None and call.data is not None:
+                    for channel in channels:
+                        channel.push(call.version, call.data)
+                # Inlined `_answer`: the output gate opens here, after the commit.
+                resident.queued -= 1
+                if call.idempotency_key is not None:
+                    self._forget(resident, call)
+                future = call.future
+                if not future.done():
+                    result = call.result
+                    if isinstance(result, BaseException):
+                        self.stats["failures"] += 1
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+            if resident.pending or resident.mailbox:
+                schedule(resident)
+
+    def _rerun(self, resident: Resident) -> None:
+        """The write lost (or the cache is doubtful): run everything on top of it again."""
+        calls = (resident.inflight or []) + (resident.pending or [])
+        for call in calls:
+            call.version = call.data = call.result = None
+        resident.inflight = resident.pending = None
+        resident.generation += 1
+        resident.mailbox = calls + (resident.mailbox or [])
+        resident.phase = STALE
+        self._request_load(resident)
+
+    def _lost(self, resident: Resident, exc: PachydermError, *, reload: bool) -> None:
+        """Nothing of the write committed (or we do not know): fail its calls, rerun the rest."""
+        inflight, resident.inflight = resident.inflight or [], None
+        for call in inflight:
+            self._answer(resident, call, exc)
+        if reload or resident.pending:
+            self._rerun(resident)
+        else:
+            resident.tip_version, resident.tip_data = resident.version, resident.data
+            resident.tip_obj = None
+
+    def _answer(self, resident: Resident, call: Call, result: Any) -> None:
+        resident.queued -= 1
+        if call.idempotency_key is not None:
+            self._forget(resident, call)
+        future = call.future
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            self.stats["failures"] += 1
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    def _forget(self, resident: Resident, call: Call) -> None:
+        """The call is answered: a retry with its idempotency key now finds the receipt."""
+        idempotent = resident.idempotent
+        if idempotent is not None:
+            if idempotent.get(call.idempotency_key) is call.future:  # type: ignore[arg-type]
+                del idempotent[call.idempotency_key]  # type: ignore[arg-type]
+            if not idempotent:
+                resident.idempotent = None
+
+    def expire(self, resident: Resident, call: Call) -> None:
+        """A call's deadline passed: withdraw it if it is still queued, stop it if it runs."""
+        if call.future.done():
+            return
+        mailbox = resident.mailbox
+        if mailbox is not None and call in mailbox:
+            mailbox.remove(call)
+            self._answer(resident, call, Timeout("the deadline passed before the call ran"))
+        elif resident.busy and call.version is None:
+            call.future.set_exception(Timeout("the deadline passed while the handler ran"))
+
+    def withdraw(self, resident: Resident, call: Call) -> None:
+        """The caller gave up: a still-queued message is removed and never runs."""
+        mailbox = resident.mailbox
+        if mailbox is not None and call in mailbox:
+            mailbox.remove(call)
+            resident.queued -= 1
+
+    # ------------------------------------------------------------------ passivation
+
+    def _evict_over_limit(self) -> None:
+        """Passivate least recently used idle entities until under ``max_resident``."""
+        excess = len(self.residents) - self.options.max_resident
+        for ref in list(itertools.islice(self.residents, excess + 8)):
+            if excess <= 0:
+                break
+            if self.residents[ref].quiescent():
+                del self.residents[ref]
+                self.stats["passivated"] += 1
+                excess -= 1
+
+    async def _sweep_loop(self) -> None:
+        """Passivate idle entities and expire old idempotency receipts, periodically."""
+        interval = max(min(self.options.idle_after / 2, 60.0), 0.01)
+        next_prune = 0.0
+        residents = self.residents
+        while True:
+            await self.clock.sleep(interval)
+            now = self.clock.monotonic()
+            cutoff = now - self.options.idle_after
+            while residents:
+                ref, resident = next(iter(residents.items()))
+                if resident.used > cutoff:
+                    break  # LRU order: the rest were used more recently
+                if resident.quiescent():
+                    del residents[ref]
+                    self.stats["passivated"] += 1
+                else:
+                    resident.used = now
+                    residents.move_to_end(ref)
+            if now >= next_prune:
+                next_prune = now + min(self.options.receipt_ttl / 10, 3600.0)
+                with contextlib.suppress(PachydermError):
+                    await self.backend.prune_receipts(self.clock.wall() - self.options.receipt_ttl)
+
+
+def _unwrap(info: EntityInfo, update: Update) -> Any:
+    if update.effects:
+        raise ActivationFailed(
+            f"{info.name}: effects are not supported yet: {update.effects!r:.80}"
+        )
+    return update.state
+
+
+def _failed(info: EntityInfo, exc: Exception, method: str = "activate") -> ActivationFailed:
+    if isinstance(exc, ActivationFailed):
+        return exc
+    error = ActivationFailed(f"{info.name}.{method} raised {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,125 @@
+"""The error tree: one root, one noun per thing that went wrong.
+
+Each class says when it happens and whether a retry is safe.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActivationFailed",
+    "IncompatibleVersion",
+    "Indeterminate",
+    "InvalidKey",
+    "InvalidOptions",
+    "Overloaded",
+    "PachydermError",
+    "Rejected",
+    "SerializationError",
+    "StorageLocked",
+    "Timeout",
+    "TooLarge",
+    "Unavailable",
+    "UnknownEntityType",
+]
+
+
+class PachydermError(Exception):
+    """The root of every error Pachyderm raises on purpose."""
+
+
+class ActivationFailed(PachydermError):
+    """The handler raised.
+
+    ``__cause__`` is the handler's exception.
+    The entity's state is unchanged and nothing was committed.
+    Retrying runs the handler again on the latest state.
+    """
+
+
+class Rejected(PachydermError):
+    """The handler refused the message on purpose.
+
+    A handler raises it (or a subclass) to say "no" without it counting as a bug.
+    The state is unchanged; the caller gets this exception as it was raised.
+    """
+
+
+class InvalidKey(PachydermError, ValueError):
+    """A key is not a valid entity key.
+
+    Raised before any I/O: nothing happened. Retrying the same key fails again.
+    """
+
+
+class InvalidOptions(PachydermError, ValueError):
+    """An option or argument is out of its documented range.
+
+    Raised before anything is started or written. Retrying unchanged fails again.
+    """
+
+
+class UnknownEntityType(PachydermError, LookupError):
+    """The entity type is not registered with this world (or its name is invalid).
+
+    Raised before any I/O. Register the type in ``World(entities=[...])``.
+    """
+
+
+class SerializationError(PachydermError):
+    """A state or message cannot be encoded or decoded by the entity type's codec.
+
+    For a new state: the activation fails, nothing was committed, the previous state stays.
+    For a stored state: the stored bytes do not match the declared type; nothing is overwritten.
+    """
+
+
+class TooLarge(PachydermError):
+    """A state, message or batch is over its documented size limit.
+
+    Nothing was committed. Retrying the same input fails again.
+    """
+
+
+class Timeout(PachydermError, TimeoutError):
+    """The deadline passed before the handler finished.
+
+    Nothing was committed for this call (the message was withdrawn or its result discarded);
+    the entity stays usable. A retry is safe.
+    """
+
+
+class Overloaded(PachydermError):
+    """A bounded queue is full (for example the entity's mailbox).
+
+    Raised at once, before the message is queued: nothing happened. Retry later, with backoff.
+    """
+
+
+class Unavailable(PachydermError):
+    """The backend (or the cluster) cannot be reached or cannot write right now.
+
+    Nothing was committed: the transaction was rolled back. A retry is safe.
+    Examples: the disk is full, the database is down, the world is closed.
+    """
+
+
+class StorageLocked(Unavailable):
+    """The storage is held by another process (for example a SQLite file already open).
+
+    Raised when the world starts; nothing was read or written.
+    """
+
+
+class Indeterminate(PachydermError):
+    """The commit may or may not have happened (for example the connection was lost during COMMIT).
+
+    The cached state was dropped, and nothing was emitted to followers or effects.
+    Retry with the same idempotency key to learn the outcome without running twice.
+    """
+
+
+class IncompatibleVersion(PachydermError):
+    """The stored state was written by a newer ``version`` of the entity type than this code.
+
+    Nothing was activated and nothing was written. Deploy the newer code.
+    """

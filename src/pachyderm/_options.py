@@ -1,0 +1,69 @@
+"""World options, grouped in one frozen object and checked once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ._errors import InvalidOptions
+
+__all__ = ["WorldOptions"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorldOptions:
+    """The tunables of a world. Every field is keyword-only and checked when the world is made.
+
+    Attributes:
+        mailbox_size: calls accepted per entity and not yet answered; one more gets ``Overloaded``.
+        activation_timeout: seconds one handler run may take (``None``: no bound). An ``async``
+            handler is cancelled at the bound; a plain one cannot be interrupted, so its result is
+            discarded if it ran longer.
+        call_timeout: default ``timeout`` of ``activate`` (``None``: wait as long as it takes).
+        max_state_bytes: the largest encoded state accepted (``TooLarge`` beyond).
+        idle_after: seconds after which an entity with nothing to do leaves memory.
+        max_resident: the most entities held in memory; beyond it the least recently used idle
+            ones leave first.
+        follower_buffer: versions buffered per follower; a slower follower skips ahead.
+        receipt_ttl: seconds an idempotency key is remembered after its commit.
+        turn_budget: messages one entity may run before others get their turn (fairness).
+        max_batch: the most entity writes sent to the backend in one commit.
+    """
+
+    mailbox_size: int = 1000
+    activation_timeout: float | None = 30.0
+    call_timeout: float | None = None
+    max_state_bytes: int = 1 << 20
+    idle_after: float = 60.0
+    max_resident: int = 100_000
+    follower_buffer: int = 64
+    receipt_ttl: float = 24 * 3600.0
+    turn_budget: int = 128
+    max_batch: int = 2000
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            optional = f.name in ("activation_timeout", "call_timeout")
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidOptions(f"{f.name} must be a number; got {value!r}")
+            if f.type in ("int",) and not isinstance(value, int):
+                raise InvalidOptions(f"{f.name} must be an int; got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise InvalidOptions(f"{f.name} must be finite and > 0; got {value!r}")
+
+    @classmethod
+    def build(cls, base: WorldOptions | None, overrides: dict[str, object]) -> WorldOptions:
+        """Return ``base`` (or the defaults) with ``overrides`` applied; refuse unknown names."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InvalidOptions(f"unknown world options: {', '.join(unknown)}")
+        base = base if base is not None else cls()
+        try:
+            return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise InvalidOptions(str(exc)) from exc

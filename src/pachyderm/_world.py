@@ -1,0 +1,339 @@
+"""The world: the public face of the runtime, one per process (see ``_engine`` for the inside)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Final
+
+from ._clock import Clock, SystemClock
+from ._core._follow import Channel
+from ._core._resident import READY, Call
+from ._engine import Engine
+from ._entity import MAX_KEY_BYTES, Entity, EntityInfo, Registry
+from ._errors import InvalidOptions, Overloaded, PachydermError, Unavailable
+from ._follower import Follower
+from ._options import WorldOptions
+from .backends._base import Backend
+
+__all__ = ["World", "WorldOptions"]
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
+MAX_IDEMPOTENCY_KEY: Final = 256
+
+
+class World:
+    """A world of entities on one backend: an async context manager, one per process.
+
+    Args:
+        backend: where entities are stored; required (there is no default backend).
+        entities: the entity types this world may activate.
+        name: the world's name; it namespaces everything in the backend.
+        options: a ``WorldOptions``; keyword ``**overrides`` replace some of its fields.
+        clock: the time source (the simulation injects a virtual one).
+
+    Raises:
+        InvalidOptions: a bad name or option. UnknownEntityType: a bad entity type.
+    """
+
+    # Mutable state, all touched only on the event loop: `_residents` (LRU order), `_ready`
+    # (entities with work for the runner), `_to_load`, `_channels` (followers by entity),
+    # `_commits` (commit tasks in flight), `_stats`, and the lifecycle flags.
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        entities: Iterable[type[Entity]] = (),
+        name: str = "default",
+        options: WorldOptions | None = None,
+        clock: Clock | None = None,
+        **overrides: Any,
+    ) -> None:
+        if not isinstance(backend, Backend):
+            raise InvalidOptions(
+                f"World needs a backend (pachyderm.backends.Memory(), .SQLite(path), ...); "
+                f"got {backend!r:.80}"
+            )
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise InvalidOptions(
+                f"a world name is 1-100 characters of letters, digits, '_', '.', '-'; got {name!r}"
+            )
+        self.backend = backend
+        self.name = name
+        self.options = WorldOptions.build(options, overrides)
+        self._registry = Registry(entities)
+        self._engine = Engine(backend, self.options, clock if clock is not None else SystemClock())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open = False
+        self._closed = False
+        self._serving = False  # open and not closed: the one flag the hot path reads
+        self._types = {info.cls: info for info in self._registry}
+        self._mailbox_size = self.options.mailbox_size
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> World:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Open the backend and start serving. ``async with World(...)`` calls it.
+
+        Raises:
+            StorageLocked: another process holds the storage. Unavailable: it cannot be opened.
+        """
+        if self._open or self._closed:
+            raise InvalidOptions("a world starts once")
+        self._loop = asyncio.get_running_loop()
+        await self.backend.open(self.name)
+        self._open = self._serving = True
+        self._engine.start()
+
+    async def aclose(self) -> None:
+        """Stop: refuse new calls, finish the accepted ones, end followers, close the backend.
+
+        Every activation acknowledged before (or during) this call is durable when it returns.
+        Cancelling it leaves the world closed to new calls, with the backend possibly still open.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._serving = False
+        if not self._open:
+            return
+        await self._engine.stop()
+        self._open = False
+        await self.backend.aclose()
+
+    def _check_open(self) -> None:
+        if not self._open or self._closed:
+            raise Unavailable("the world is not running (use `async with World(...)`)")
+
+    # ------------------------------------------------------------------ public calls
+
+    async def activate(
+        self,
+        ref: tuple[type[Entity], Any],
+        message: Any,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one activation of the entity ``ref`` on its latest state; return the new state.
+
+        The entity is created (``init()``) if it was never activated. When this returns, the new
+        state is durable (to the backend's level) and followers are being told.
+
+        Args:
+            ref: ``(EntityType, key)``.
+            message: passed to ``activate(message, state)`` as it is (not copied).
+            idempotency_key: if a call with this key already committed (within
+                ``receipt_ttl``), return its result instead of running again.
+            timeout: seconds to wait for the handler to finish (default ``call_timeout``).
+
+        Returns:
+            The committed new state.
+
+        Raises:
+            InvalidKey, UnknownEntityType: a bad ref, before any I/O.
+            Overloaded: the mailbox is full; nothing was queued.
+            ActivationFailed: the handler raised; the state is unchanged.
+            Rejected: the handler refused the message; the state is unchanged.
+            SerializationError, TooLarge: the new state cannot be stored; unchanged.
+            Timeout: the deadline passed before the handler finished; nothing committed.
+            Unavailable: the backend could not commit; nothing committed; safe to retry.
+            Indeterminate: the commit's outcome is unknown; retry with the idempotency key.
+            IncompatibleVersion: the stored state is from a newer version of the type.
+
+        Cancellation: if the message has not started running it is withdrawn and nothing happens;
+        if it is running or committing it may still commit, and the result is dropped.
+        """
+        # The hot path: every step below is inlined on purpose (this runs once per activation).
+        info = self._types.get(ref[0]) if type(ref) is tuple and len(ref) == 2 else None
+        key = ref[1] if info is not None else None
+        if (
+            info is None
+            or info.custom_key
+            or type(key) is not str
+            or not key.isascii()  # ASCII: no surrogate, and length in chars = in bytes
+            or not 0 < len(key) <= MAX_KEY_BYTES
+            or "\x00" in key
+        ):
+            info, key = self._registry.resolve(ref)
+        if not self._serving:
+            self._check_open()
+        if idempotency_key is not None:
+            done, value = await self._idempotent_result(info, key, idempotency_key)
+            if done:
+                return value
+        engine = self._engine
+        resident = engine.residents.get((info.name, key))
+        if resident is None:
+            resident = engine.resident(info, key)
+        else:
+            engine.residents.move_to_end(resident.ref)
+        if resident.queued >= self._mailbox_size:
+            raise Overloaded(
+                f"the mailbox of {info.name}:{key!r:.60} is full "
+                f"({self._mailbox_size} calls waiting)"
+            )
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[Any] = loop.create_future()
+        call = Call(message, future, idempotency_key)
+        if idempotency_key is not None:
+            if resident.idempotent is None:
+                resident.idempotent = {}
+            resident.idempotent[idempotency_key] = future
+        mailbox = resident.mailbox
+        if mailbox is None:
+            resident.mailbox = [call]
+        else:
+            mailbox.append(call)
+        resident.queued += 1
+        if not resident.scheduled and resident.phase == READY:
+            engine.schedule(resident)
+        if timeout is None:
+            timeout = self.options.call_timeout
+        handle = None
+        if timeout is not None:
+            handle = loop.call_later(timeout, engine.expire, resident, call)
+        try:
+            return await future
+        finally:
+            if handle is not None:
+                handle.cancel()
+            if future.cancelled():
+                engine.withdraw(resident, call)
+
+    async def read(self, ref: tuple[type[Entity], Any]) -> Any:
+        """Return the entity's latest committed state, or ``init()`` if it was never activated.
+
+        Runs no activation and writes nothing. Cancellation has no effect on the entity.
+
+        Raises:
+            InvalidKey, UnknownEntityType: a bad ref. Unavailable: the backend cannot be read.
+            IncompatibleVersion, SerializationError: the stored state cannot be used here.
+        """
+        info, key = self._registry.resolve(ref)
+        self._check_open()
+        resident = await self._engine.loaded(info, key)
+        return info.codec.decode(resident.data)
+
+    def follow(
+        self, ref: tuple[type[Entity], Any], *, since: int | None = None, versions: bool = False
+    ) -> Follower:
+        """Return an async iterator of the entity's states: the current one, then each new one.
+
+        Args:
+            ref: ``(EntityType, key)``; checked now, before any I/O.
+            since: start after this version: the next committed version is the first item
+                (versions between ``since`` and the current one are not kept: the current one is
+                given instead).
+            versions: yield ``(version, state)`` pairs instead of states.
+
+        The subscription is registered atomically with the first state, so no version is missed
+        or repeated between them. See ``Follower`` for slow readers and unsubscribing.
+        """
+        info, key = self._registry.resolve(ref)
+        self._check_open()
+        if since is not None and (type(since) is not int or since < 0):
+            raise InvalidOptions(f"since is a version (an int >= 0); got {since!r}")
+        return Follower(self, (info.name, key), since, bool(versions))
+
+    async def list(
+        self, entity_type: type[Entity], *, prefix: str = "", page_size: int = 1000
+    ) -> AsyncIterator[str]:
+        """Yield the keys of the stored entities of a type, in code point order, page by page.
+
+        Runs no activation. Keys committed while listing may or may not appear.
+        """
+        info = self._registry.info(entity_type)
+        if not isinstance(prefix, str):
+            raise InvalidOptions(f"prefix is a str; got {type(prefix).__qualname__}")
+        if type(page_size) is not int or page_size < 1:
+            raise InvalidOptions(f"page_size is an int >= 1; got {page_size!r}")
+        self._check_open()
+        after: str | None = None
+        while True:
+            keys = await self.backend.list_keys(
+                info.name, prefix=prefix, after=after, limit=page_size
+            )
+            for key in keys:
+                yield key
+            if len(keys) < page_size:
+                return
+            after = keys[-1]
+
+    def statistics(self) -> dict[str, object]:
+        """Return counters: activations, commits, conflicts, resident entities, followers, ..."""
+        engine = self._engine
+        return {
+            **engine.stats,
+            "resident": len(engine.residents),
+            "followers": sum(len(c) for c in engine.channels.values()),
+            "commits_in_flight": len(engine.commits),
+            "backend": self.backend.statistics(),
+        }
+
+    # ------------------------------------------------------------------ idempotency
+
+    async def _idempotent_result(
+        self, info: EntityInfo, key: str, idempotency_key: str
+    ) -> tuple[bool, Any]:
+        if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= (
+            MAX_IDEMPOTENCY_KEY
+        ):
+            raise InvalidOptions(
+                f"an idempotency key is a str of 1-{MAX_IDEMPOTENCY_KEY} characters"
+            )
+        while True:
+            resident = self._engine.residents.get((info.name, key))
+            running = (
+                None
+                if resident is None or resident.idempotent is None
+                else (resident.idempotent.get(idempotency_key))
+            )
+            if running is not None:
+                # The same key is already running here: share its outcome.
+                with contextlib.suppress(PachydermError, asyncio.CancelledError):
+                    return True, await asyncio.shield(running)
+                continue
+            receipt = await self.backend.receipt(info.name, key, idempotency_key)
+            if receipt is not None:
+                return True, info.codec.decode(receipt.result)
+            resident = self._engine.residents.get((info.name, key))
+            if (
+                resident is None
+                or not resident.idempotent
+                or (idempotency_key not in resident.idempotent)
+            ):
+                return False, None
+
+    # ------------------------------------------------------------------ following
+
+    async def _subscribe(self, ref: tuple[str, str], since: int | None) -> tuple[Channel, Any]:
+        info = self._registry.by_name(ref[0])
+        self._check_open()
+        resident = await self._engine.loaded(info, ref[1])
+        # No await from here on: the snapshot and the registration are one atomic step.
+        channel = Channel(self.options.follower_buffer)
+        if since is None or since < resident.version:
+            channel.push(resident.version, resident.data)
+        else:
+            channel.last = since
+        self._engine.channels.setdefault(ref, set()).add(channel)
+        return channel, info.codec.decode
+
+    def _unsubscribe(self, ref: tuple[str, str], channel: Channel) -> None:
+        channels = self._engine.channels.get(ref)
+        if channels is not None:
+            channels.discard(channel)
+            if not channels:
+                del self._engine.channels[ref]

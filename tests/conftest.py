@@ -1,0 +1,40 @@
+"""Shared fixtures: every world test runs on each backend (``--backend`` narrows the set)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pachyderm import backends
+
+BACKENDS = ("memory", "sqlite")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        help="run the backend-parametrised tests only on these backends (default: all)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "make_backend" in metafunc.fixturenames:
+        chosen = metafunc.config.getoption("--backend") or list(BACKENDS)
+        metafunc.parametrize("backend_name", chosen, indirect=False)
+
+
+@pytest.fixture
+def make_backend(backend_name: str, tmp_path: Path) -> Callable[[], backends.Backend]:
+    """A factory of backends on one storage: each call gives a new object on the same data."""
+    memory = backends.Memory()
+
+    def make() -> backends.Backend:
+        if backend_name == "memory":
+            return memory
+        return backends.SQLite(tmp_path / "world.db")
+
+    return make

@@ -1,0 +1,128 @@
+"""Storage faults: lost writes rerun, failed commits change nothing, doubtful ones emit nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+import pachyderm
+from pachyderm import backends
+from pachyderm.backends import Stored, Write
+
+from .test_world import ALL, Counter, Log
+
+
+class Faulty(backends.Memory):
+    """A memory backend that fails the next commits on demand, or lets a rival write first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next: list[BaseException] = []
+        self.rival: list[Write] = []
+        self.loads: list[tuple[str, str]] = []
+
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        if self.rival:
+            await super().commit([self.rival.pop()])
+        if self.fail_next:
+            exc = self.fail_next.pop(0)
+            if isinstance(exc, pachyderm.Indeterminate):
+                await super().commit(writes)  # it did commit, but nobody can know
+            raise exc
+        return await super().commit(writes)
+
+    async def load_many(self, refs: Sequence[tuple[str, str]]) -> list[Stored | None]:
+        self.loads.extend(refs)
+        return await super().load_many(refs)
+
+
+async def test_a_lost_write_reruns_on_the_reloaded_state() -> None:
+    backend = Faulty()
+    codec_int = b"\x0a"  # msgpack for 10
+    async with pachyderm.World(backend, entities=ALL) as w:
+        ref = (Counter, "c")
+        assert await w.activate(ref, 1) == 1
+        # Another writer (another node, say) committed version 2 = 10 meanwhile.
+        backend.rival.append(Write(Counter.name, "c", 1, 2, 1, codec_int))
+        assert await w.activate(ref, 1) == 11
+        assert await w.read(ref) == 11
+        assert w.statistics()["conflicts"] == 1
+
+
+async def test_a_follower_sees_the_rival_version_and_no_fork() -> None:
+    backend = Faulty()
+    async with pachyderm.World(backend, entities=ALL) as w:
+        ref = (Counter, "f")
+        follower = w.follow(ref, versions=True)
+        assert await follower.__anext__() == (0, 0)
+        backend.rival.append(Write(Counter.name, "f", 0, 1, 1, b"\x05"))
+        assert await w.activate(ref, 1) == 6
+        assert await follower.__anext__() == (1, 5)
+        assert await follower.__anext__() == (2, 6)
+        await follower.aclose()
+
+
+async def test_unavailable_commit_fails_calls_and_keeps_state() -> None:
+    backend = Faulty()
+    async with pachyderm.World(backend, entities=ALL) as w:
+        ref = (Log, "u")
+        assert await w.activate(ref, "a") == ["a"]
+        follower = w.follow(ref, versions=True)
+        assert await follower.__anext__() == (1, ["a"])
+        backend.fail_next.append(pachyderm.Unavailable("disk full"))
+        with pytest.raises(pachyderm.Unavailable):
+            await w.activate(ref, "lost")
+        assert await w.read(ref) == ["a"]
+        assert await w.activate(ref, "b") == ["a", "b"]
+        assert await follower.__anext__() == (2, ["a", "b"])  # "lost" was never pushed
+        await follower.aclose()
+
+
+async def test_indeterminate_commit_emits_nothing_and_reloads() -> None:
+    backend = Faulty()
+    async with pachyderm.World(backend, entities=ALL) as w:
+        ref = (Counter, "i")
+        assert await w.activate(ref, 1, idempotency_key="k1") == 1
+        follower = w.follow(ref, versions=True)
+        assert await follower.__anext__() == (1, 1)
+        backend.fail_next.append(pachyderm.Indeterminate("connection lost during COMMIT"))
+        with pytest.raises(pachyderm.Indeterminate):
+            await w.activate(ref, 1, idempotency_key="k2")
+        loads_before = len(backend.loads)
+        # Retrying with the same key learns that it did commit, and runs nothing again.
+        assert await w.activate(ref, 1, idempotency_key="k2") == 2
+        assert await w.activate(ref, 1) == 3
+        assert len(backend.loads) > loads_before  # the doubtful cache was dropped and reloaded
+        assert await follower.__anext__() == (2, 2)  # told only after it was re-read
+        assert await follower.__anext__() == (3, 3)
+        await follower.aclose()
+
+
+async def test_a_backend_bug_does_not_kill_the_world() -> None:
+    backend = Faulty()
+    async with pachyderm.World(backend, entities=ALL) as w:
+        backend.fail_next.append(RuntimeError("driver bug"))
+        with pytest.raises(pachyderm.Unavailable):
+            await w.activate((Counter, "b"), 1)
+        assert await w.activate((Counter, "b"), 1) == 1
+
+
+async def test_load_failure_fails_waiting_calls_then_recovers() -> None:
+    class FailingLoad(backends.Memory):
+        fail = True
+
+        async def load_many(self, refs: Sequence[tuple[str, str]]) -> list[Stored | None]:
+            if self.fail:
+                self.fail = False
+                raise pachyderm.Unavailable("cannot read")
+            return await super().load_many(refs)
+
+    async with pachyderm.World(FailingLoad(), entities=ALL) as w:
+        results: list[Any] = await asyncio.gather(
+            w.activate((Counter, "x"), 1), w.activate((Counter, "x"), 1), return_exceptions=True
+        )
+        assert all(isinstance(r, pachyderm.Unavailable) for r in results)
+        assert await w.activate((Counter, "x"), 1) == 1
