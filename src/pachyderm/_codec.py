@@ -107,6 +107,13 @@ class UntypedCodec:
         except (TypeError, OverflowError, ValueError, RecursionError) as exc:
             raise SerializationError(f"cannot encode value: {exc}") from exc
 
+    def encode_scalar(self, value: object) -> bytes:
+        """Encode a value of a type in ``IMMUTABLE`` (it holds no tuple: no preparation)."""
+        try:
+            return self._encoder.encode(value)
+        except OverflowError as exc:
+            raise SerializationError(f"cannot encode {value!r:.40}: {exc}") from exc
+
     def decode(self, data: bytes) -> Any:
         try:
             return self._decoder.decode(data)

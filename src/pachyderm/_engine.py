@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
 
 from ._clock import Clock
-from ._codec import IMMUTABLE, UNTYPED, PickleCodec
+from ._codec import UNTYPED, PickleCodec
 from ._core._follow import Channel
 from ._core._resident import LOADING, READY, STALE, Call, Resident
 from ._entity import EntityInfo, Update
@@ -57,7 +56,10 @@ class Engine:
         self.backend = backend
         self.options = options
         self.clock = clock
-        self.residents: OrderedDict[tuple[str, str], Resident] = OrderedDict()
+        self.residents: dict[tuple[str, str], Resident] = {}
+        # The CLOCK hand of passivation: every resident once, oldest first. An access only sets
+        # `resident.hot` (no reordering on the hot path); the hand gives hot ones a second chance.
+        self.order: deque[Resident] = deque()
         self.channels: dict[tuple[str, str], set[Channel]] = {}
         self.commits: set[asyncio.Task[None]] = set()
         self.stats = {
@@ -69,12 +71,17 @@ class Engine:
             "loads": 0,
             "passivated": 0,
         }
-        self._ready: deque[Resident] = deque()
+        self.ready: deque[Resident] = deque()
         self._to_load: dict[tuple[str, str], Resident] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._run_waiter: asyncio.Future[None] | None = None
+        self.run_waiter: asyncio.Future[None] | None = None
         self._load_waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Read on every activation: copied out of the options once.
+        self._turn_budget = options.turn_budget
+        self._activation_timeout = options.activation_timeout
+        self._max_state_bytes = options.max_state_bytes
+        self._monotonic = clock.monotonic
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
@@ -109,10 +116,11 @@ class Engine:
         ref = (info.name, key)
         resident = self.residents.get(ref)
         if resident is not None:
-            self.residents.move_to_end(ref)
+            resident.hot = True
             return resident
         resident = Resident(info, key, self.clock.monotonic())
         self.residents[ref] = resident
+        self.order.append(resident)
         self._request_load(resident)
         if len(self.residents) > self.options.max_resident:
             self._evict_over_limit()
@@ -238,20 +246,26 @@ class Engine:
         if resident.scheduled:
             return
         resident.scheduled = True
-        self._ready.append(resident)
-        waiter = self._run_waiter
+        self.ready.append(resident)
+        waiter = self.run_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def _run(self) -> None:
-        """The runner: executes ready entities and sends their writes, turn after turn."""
+        """The runner: executes ready entities and sends their writes, turn after turn.
+
+        One pass over every ready entity per event loop iteration; the work for one entity is
+        inlined here because this loop runs once per entity per turn.
+        """
         assert self._loop is not None
-        ready = self._ready
+        ready = self.ready
         max_batch = self.options.max_batch
+        budget = self._turn_budget
+        run_batch = self._run_batch
         while True:
             if not ready:
-                self._run_waiter = self._loop.create_future()
-                await self._run_waiter
+                self.run_waiter = self._loop.create_future()
+                await self.run_waiter
                 continue
             writes: list[Write] = []
             owners: list[Resident] = []
@@ -260,50 +274,71 @@ class Engine:
                 resident.scheduled = False
                 if resident.phase != READY or resident.busy:
                     continue
-                try:
-                    self._execute(resident)
-                except Exception as exc:  # a bug in the engine: fail these calls, keep serving
-                    self._crash(resident, exc)
+                mailbox = resident.mailbox
+                if mailbox:
+                    if len(mailbox) <= budget:
+                        batch, resident.mailbox = mailbox, None
+                    else:
+                        batch = mailbox[:budget]
+                        del mailbox[:budget]
+                        self.schedule(resident)  # used its turn budget: back of the line
+                    try:
+                        run_batch(resident, batch)
+                    except Exception as exc:  # an engine bug: fail these calls, keep serving
+                        self._crash(resident, exc, batch)
+                        continue
+                if resident.inflight is not None or not resident.pending:
+                    continue  # its write goes when the one in flight is answered
+                pending = resident.pending
+                resident.pending = None
+                if resident.tip_version == resident.version:
+                    for call in pending:  # only failures: nothing to commit or wait for
+                        self._answer(resident, call, call.result)
                     continue
-                if resident.mailbox:
-                    self.schedule(resident)  # used its turn budget: back of the line
-                if resident.inflight is None and resident.pending:
-                    write = self._seal(resident)
-                    if write is not None:
-                        writes.append(write)
-                        owners.append(resident)
-                        if len(writes) >= max_batch:
-                            self._send(writes, owners)
-                            writes, owners = [], []
+                resident.inflight = pending
+                info = resident.info
+                writes.append(
+                    Write(
+                        info.name,
+                        resident.key,
+                        resident.version,
+                        resident.tip_version,
+                        info.version,
+                        resident.tip_data,
+                        self._receipts(pending) if resident.idempotent else (),
+                    )
+                )
+                owners.append(resident)
+                if len(writes) >= max_batch:
+                    self._send(writes, owners)
+                    writes, owners = [], []
             if writes:
                 self._send(writes, owners)
             # Let callers run and fill the mailboxes before the next turn.
             await asyncio.sleep(0)
 
-    def _execute(self, resident: Resident) -> None:
-        """Run queued calls of one entity on its tip state, up to its turn budget."""
-        mailbox = resident.mailbox
-        if not mailbox:
-            return
-        budget = self.options.turn_budget
-        if len(mailbox) <= budget:
-            batch, resident.mailbox = mailbox, None
-        else:
-            batch = mailbox[:budget]
-            del mailbox[:budget]
+    def _receipts(self, calls: list[Call]) -> tuple[Receipt, ...]:
+        """The receipts of the idempotent calls among ``calls``, to commit with their write."""
+        now = self.clock.wall()
+        return tuple(
+            Receipt(c.idempotency_key, c.version, c.data, now)
+            for c in calls
+            if c.idempotency_key is not None and c.version is not None and c.data is not None
+        )
+
+    def _run_batch(self, resident: Resident, batch: list[Call]) -> None:
+        """Run calls of one entity on its tip state; each lands in ``pending`` with its result."""
         info = resident.info
-        codec = info.codec
-        encode, decode = codec.encode, codec.decode
+        decode = info.codec.decode
         cls = info.cls
-        # Immutable results are shared, not copied, unless a declared type must validate them.
-        shareable = IMMUTABLE if info.codec is UNTYPED else _NOTHING
-        timeout = self.options.activation_timeout
-        limit = self.options.max_state_bytes
-        monotonic = self.clock.monotonic
+        timeout = self._activation_timeout
+        monotonic = self._monotonic
         pending = resident.pending
         if pending is None:
-            pending = resident.pending = []
-        # Written back to the resident after each success; kept in locals for speed.
+            # Nothing pending yet (the common case): the batch list itself becomes the pending
+            # list, unless a call in it is skipped.
+            pending = resident.pending = [] if _any_done(batch) else None
+        # Written back to the resident at the end; kept in locals for speed.
         tip, tip_data, tip_obj = resident.tip_version, resident.tip_data, resident.tip_obj
         ran = 0
         for call in batch:
@@ -312,35 +347,37 @@ class Engine:
                 continue
             if resident.error is not None:
                 call.result = resident.error
-                pending.append(call)
+                if pending is not None:
+                    pending.append(call)
                 continue
             entity = cls.__new__(cls)
             entity.key = resident.key
-            started = monotonic() if timeout is not None else 0.0
+            started = monotonic()
             try:
                 # A fresh state per run: a handler that mutates and then raises leaks nothing.
                 new = entity.activate(
-                    call.message, tip_obj if tip_obj is not None else (decode(tip_data))
+                    call.message, tip_obj if tip_obj is not None else decode(tip_data)
                 )
                 if info.is_async:
-                    rest = batch[batch.index(call) + 1 :]
-                    self._run_async(resident, call, new, rest)
+                    index = batch.index(call)
+                    if pending is None:
+                        pending = resident.pending = batch[:index]
+                    self._run_async(resident, call, new, batch[index + 1 :])
                     break
                 if timeout is not None and monotonic() - started > timeout:
                     raise Timeout(f"the handler ran longer than {timeout} s; result discarded")
-                if type(new) is Update:
-                    new = _unwrap(info, new)
-                data = encode(new)
-                if len(data) > limit:
-                    raise TooLarge(
-                        f"the new state is {len(data)} bytes; max_state_bytes is {limit}"
-                    )
-                if type(new) in shareable:
-                    call.result = tip_obj = new
+                if type(new) in info.shareable:
+                    # An immutable scalar: no copy, and none of the codec's preparation.
+                    data = info.encode_scalar(new)
+                    value = obj = new
                 else:
-                    # A fresh copy for the caller; it also checks the bytes against the type.
-                    call.result = decode(data)
-                    tip_obj = None
+                    data, value = self._encode(info, new)
+                    obj = None
+                if len(data) > self._max_state_bytes:
+                    raise TooLarge(
+                        f"the new state is {len(data)} bytes; "
+                        f"max_state_bytes is {self._max_state_bytes}"
+                    )
             except _EXPECTED as exc:
                 call.result = exc
             except Exception as exc:
@@ -349,22 +386,35 @@ class Engine:
                 tip += 1
                 call.version = tip
                 call.data = tip_data = data
+                call.result = value
+                tip_obj = obj
                 ran += 1
-            pending.append(call)
+            if pending is not None:
+                pending.append(call)
+        if pending is None:
+            resident.pending = batch
         resident.tip_version, resident.tip_data, resident.tip_obj = tip, tip_data, tip_obj
         self.stats["activations"] += ran
 
+    @staticmethod
+    def _encode(info: EntityInfo, new: Any) -> tuple[bytes, Any]:
+        """Return the bytes of a new state, and a fresh copy of it for the caller.
+
+        Decoding what was encoded also checks it against a declared ``state_type``.
+        """
+        if type(new) is Update:
+            new = _unwrap(info, new)
+        data = info.codec.encode(new)
+        return data, info.codec.decode(data)
+
     def _result(self, resident: Resident, call: Call, new: Any) -> None:
         """Encode an async handler's result on top of the tip (raises if it cannot be stored)."""
-        if type(new) is Update:
-            new = _unwrap(resident.info, new)
-        codec = resident.info.codec
-        data = codec.encode(new)
-        limit = self.options.max_state_bytes
-        if len(data) > limit:
-            raise TooLarge(f"the new state is {len(data)} bytes; max_state_bytes is {limit}")
-        call.result = codec.decode(data)
-        resident.tip_obj = new if type(new) in IMMUTABLE and codec is UNTYPED else None
+        data, call.result = self._encode(resident.info, new)
+        if len(data) > self._max_state_bytes:
+            raise TooLarge(
+                f"the new state is {len(data)} bytes; max_state_bytes is {self._max_state_bytes}"
+            )
+        resident.tip_obj = None
         call.version = resident.tip_version = resident.tip_version + 1
         call.data = resident.tip_data = data
         self.stats["activations"] += 1
@@ -409,45 +459,20 @@ class Engine:
             resident.pending.append(call)
         self.schedule(resident)
 
-    def _crash(self, resident: Resident, exc: Exception) -> None:
+    def _crash(self, resident: Resident, exc: Exception, batch: list[Call]) -> None:
+        """An engine bug hit while running ``batch``: fail its calls, keep the committed state."""
         error = Unavailable(f"internal error while running {resident.info.name}: {exc!r}")
         error.__cause__ = exc
-        calls = (resident.pending or []) + (resident.mailbox or [])
-        resident.pending = resident.mailbox = None
-        for call in calls:
-            self._answer(resident, call, error)
+        for call in [*(resident.pending or ()), *batch]:
+            if not call.future.done():
+                call.future.set_exception(error)
+        resident.pending = None
+        # Recount from what is still queued or committing: the failed calls are all answered.
+        resident.queued = len(resident.mailbox or ()) + len(resident.inflight or ())
         resident.tip_version, resident.tip_data, resident.tip_obj = (
             resident.version,
             resident.data,
             None,
-        )
-
-    def _seal(self, resident: Resident) -> Write | None:
-        """Turn pending calls into a write; answer them now if none changed the state."""
-        pending = resident.pending
-        assert pending is not None
-        resident.pending = None
-        if resident.tip_version == resident.version:
-            for call in pending:  # only failures: nothing to commit, nothing to wait for
-                self._answer(resident, call, call.result)
-            return None
-        resident.inflight = pending
-        receipts: tuple[Receipt, ...] = ()
-        if resident.idempotent:
-            now = self.clock.wall()
-            receipts = tuple(
-                Receipt(c.idempotency_key, c.version, c.data, now)
-                for c in pending
-                if c.idempotency_key is not None and c.version is not None and c.data is not None
-            )
-        return Write(
-            resident.info.name,
-            resident.key,
-            resident.version,
-            resident.tip_version,
-            resident.info.version,
-            resident.tip_data,
-            receipts,
         )
 
     def _send(self, writes: list[Write], owners: list[Resident]) -> None:
@@ -575,39 +600,54 @@ class Engine:
     # ------------------------------------------------------------------ passivation
 
     def _evict_over_limit(self) -> None:
-        """Passivate least recently used idle entities until under ``max_resident``."""
+        """Passivate idle entities, least recently used first (CLOCK), until under the limit."""
         excess = len(self.residents) - self.options.max_resident
-        for ref in list(itertools.islice(self.residents, excess + 8)):
+        order, residents = self.order, self.residents
+        # At most two turns of the hand: the first clears every `hot`, the second finds the idle.
+        for _ in range(2 * len(order)):
             if excess <= 0:
                 break
-            if self.residents[ref].quiescent():
-                del self.residents[ref]
+            resident = order.popleft()
+            if residents.get(resident.ref) is not resident:
+                continue  # already gone: drop its place
+            if resident.hot:
+                resident.hot = False
+            elif resident.quiescent():
+                del residents[resident.ref]
                 self.stats["passivated"] += 1
                 excess -= 1
+                continue
+            order.append(resident)
 
     async def _sweep_loop(self) -> None:
         """Passivate idle entities and expire old idempotency receipts, periodically."""
         interval = max(min(self.options.idle_after / 2, 60.0), 0.01)
         next_prune = 0.0
-        residents = self.residents
+        order, residents = self.order, self.residents
         while True:
             await self.clock.sleep(interval)
             now = self.clock.monotonic()
             cutoff = now - self.options.idle_after
-            while residents:
-                ref, resident = next(iter(residents.items()))
-                if resident.used > cutoff:
-                    break  # LRU order: the rest were used more recently
-                if resident.quiescent():
-                    del residents[ref]
+            for _ in range(len(order)):  # one full turn of the hand
+                resident = order.popleft()
+                if residents.get(resident.ref) is not resident:
+                    continue
+                if resident.used <= cutoff and resident.quiescent():
+                    del residents[resident.ref]
                     self.stats["passivated"] += 1
-                else:
-                    resident.used = now
-                    residents.move_to_end(ref)
+                    continue
+                order.append(resident)
             if now >= next_prune:
                 next_prune = now + min(self.options.receipt_ttl / 10, 3600.0)
                 with contextlib.suppress(PachydermError):
                     await self.backend.prune_receipts(self.clock.wall() - self.options.receipt_ttl)
+
+
+def _any_done(calls: list[Call]) -> bool:
+    for call in calls:  # noqa: SIM110 - a plain loop is faster than any() on the hot path
+        if call.future.done():
+            return True
+    return False
 
 
 def _unwrap(info: EntityInfo, update: Update) -> Any:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
-from ._codec import Codec, codec_for
+from ._codec import IMMUTABLE, UNTYPED, Codec, codec_for
 from ._errors import InvalidKey, InvalidOptions, UnknownEntityType
 
 __all__ = [
@@ -130,7 +130,16 @@ def validate_key(key: object) -> str:
 class EntityInfo:
     """What the runtime knows of one registered entity type."""
 
-    __slots__ = ("cls", "codec", "custom_key", "is_async", "name", "version")
+    __slots__ = (
+        "cls",
+        "codec",
+        "custom_key",
+        "encode_scalar",
+        "is_async",
+        "name",
+        "shareable",
+        "version",
+    )
 
     def __init__(self, cls: type[Entity]) -> None:
         self.cls = cls
@@ -139,6 +148,10 @@ class EntityInfo:
         self.codec: Codec = codec_for(cls.state_type, use_pickle=bool(cls.pickle))
         self.custom_key = callable(getattr(cls, "key", None))
         self.is_async = inspect.iscoroutinefunction(cls.activate)
+        # Immutable results are shared, not copied, unless a declared type must validate them.
+        untyped = self.codec is UNTYPED
+        self.shareable: frozenset[type] = IMMUTABLE if untyped else frozenset()
+        self.encode_scalar = UNTYPED.encode_scalar
 
     def normalise_key(self, raw: object) -> str:
         if not self.custom_key:

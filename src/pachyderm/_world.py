@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
@@ -72,6 +71,9 @@ class World:
         self._serving = False  # open and not closed: the one flag the hot path reads
         self._types = {info.cls: info for info in self._registry}
         self._mailbox_size = self.options.mailbox_size
+        self._residents = self._engine.residents
+        self._ready = self._engine.ready
+        self._call_timeout = self.options.call_timeout
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,11 +175,11 @@ class World:
             if done:
                 return value
         engine = self._engine
-        resident = engine.residents.get((info.name, key))
+        resident = self._residents.get((info.name, key))
         if resident is None:
             resident = engine.resident(info, key)
         else:
-            engine.residents.move_to_end(resident.ref)
+            resident.hot = True
         if resident.queued >= self._mailbox_size:
             raise Overloaded(
                 f"the mailbox of {info.name}:{key!r:.60} is full "
@@ -198,19 +200,28 @@ class World:
             mailbox.append(call)
         resident.queued += 1
         if not resident.scheduled and resident.phase == READY:
-            engine.schedule(resident)
+            # Inlined `engine.schedule`: the runner takes it on its next turn.
+            resident.scheduled = True
+            self._ready.append(resident)
+            waiter = engine.run_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         if timeout is None:
-            timeout = self.options.call_timeout
-        handle = None
-        if timeout is not None:
-            handle = loop.call_later(timeout, engine.expire, resident, call)
+            timeout = self._call_timeout
+            if timeout is None:
+                try:
+                    return await future
+                except asyncio.CancelledError:
+                    engine.withdraw(resident, call)
+                    raise
+        handle = loop.call_later(timeout, engine.expire, resident, call)
         try:
             return await future
+        except asyncio.CancelledError:
+            engine.withdraw(resident, call)
+            raise
         finally:
-            if handle is not None:
-                handle.cancel()
-            if future.cancelled():
-                engine.withdraw(resident, call)
+            handle.cancel()
 
     async def read(self, ref: tuple[type[Entity], Any]) -> Any:
         """Return the entity's latest committed state, or ``init()`` if it was never activated.
@@ -302,9 +313,14 @@ class World:
             )
             if running is not None:
                 # The same key is already running here: share its outcome.
-                with contextlib.suppress(PachydermError, asyncio.CancelledError):
+                try:
                     return True, await asyncio.shield(running)
-                continue
+                except PachydermError:
+                    continue  # it did not commit: run this one
+                except asyncio.CancelledError:
+                    if running.cancelled():
+                        continue  # the other caller gave up, not us
+                    raise
             receipt = await self.backend.receipt(info.name, key, idempotency_key)
             if receipt is not None:
                 return True, info.codec.decode(receipt.result)

@@ -32,8 +32,9 @@ class Call:
         self.future = future
         self.idempotency_key = idempotency_key
         self.version: int | None = None
-        self.data: bytes | None = None
-        self.result: Any = None
+        # `data` and `result` are set when it runs, before anything reads them.
+        self.data: bytes | None
+        self.result: Any
 
 
 class Resident:
@@ -52,6 +53,7 @@ class Resident:
         "data",
         "error",
         "generation",
+        "hot",
         "idempotent",
         "inflight",
         "info",
@@ -95,6 +97,8 @@ class Resident:
         self.queued = 0
         self.error: BaseException | None = None
         self.used = now
+        # Used since the passivation hand last passed (a second chance before passivation).
+        self.hot = False
         # Futures of callers waiting for this resident to be loaded (for read and follow).
         self.loaded: list[asyncio.Future[None]] | None = None
         # idempotency key -> the future of the call that carries it, while it is unanswered.

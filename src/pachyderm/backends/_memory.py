@@ -15,11 +15,12 @@ __all__ = ["Memory"]
 class _Space:
     """One world's data. Mutable state: all of it, changed only by `Memory` methods."""
 
-    __slots__ = ("keys", "receipts", "rows", "sorted")
+    __slots__ = ("receipts", "rows", "sorted")
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], Stored] = {}
-        self.keys: dict[str, set[str]] = {}  # type name -> keys
+        # type name -> key -> the write that made the row. Keeping the committed `Write` itself
+        # allocates nothing per commit; a `Stored` is made only when a row is loaded.
+        self.rows: dict[str, dict[str, Write]] = {}
         # type name -> keys sorted, rebuilt on the first listing after a new key (inserting into a
         # sorted list would make creating n entities cost O(n^2)).
         self.sorted: dict[str, list[str]] = {}
@@ -28,7 +29,7 @@ class _Space:
     def sorted_keys(self, type_name: str) -> list[str]:
         keys = self.sorted.get(type_name)
         if keys is None:
-            keys = self.sorted[type_name] = sorted(self.keys.get(type_name, ()))
+            keys = self.sorted[type_name] = sorted(self.rows.get(type_name, ()))
         return keys
 
 
@@ -64,23 +65,27 @@ class Memory(Backend):
 
     async def load_many(self, refs: Sequence[tuple[str, str]]) -> list[Stored | None]:
         rows = self._open_space().rows
-        return [rows.get(ref) for ref in refs]
+        out: list[Stored | None] = []
+        for type_name, key in refs:
+            w = rows.get(type_name, {}).get(key)
+            out.append(None if w is None else Stored(w.version, w.type_version, w.data))
+        return out
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
         space = self._open_space()
         rows = space.rows
-        get = rows.get
         out = []
         for w in writes:
-            ref = (w.type_name, w.key)
-            row = get(ref)
+            table = rows.get(w.type_name)
+            if table is None:
+                table = rows[w.type_name] = {}
+            row = table.get(w.key)
             if (0 if row is None else row.version) != w.expected:
                 out.append(False)
                 continue
             if row is None:
-                space.keys.setdefault(w.type_name, set()).add(w.key)
                 space.sorted.pop(w.type_name, None)
-            rows[ref] = Stored(w.version, w.type_version, w.data)
+            table[w.key] = w
             if w.receipts:
                 for r in w.receipts:
                     space.receipts[(w.type_name, w.key, r.id)] = r
@@ -118,5 +123,5 @@ class Memory(Backend):
         return {
             "commits": self._commits,
             "writes": self._writes,
-            "entities": 0 if space is None else len(space.rows),
+            "entities": 0 if space is None else sum(len(t) for t in space.rows.values()),
         }

@@ -1,0 +1,7 @@
+"""``python -m pachyderm``: the same as the ``pachyderm`` command."""
+
+from __future__ import annotations
+
+from ._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,533 @@
+"""The SQLite backend: semantics (as the memory backend's), group commit, locking, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pachyderm import Indeterminate, InvalidOptions, StorageLocked, TooLarge, Unavailable
+from pachyderm.backends import Backend, Memory, Receipt, SQLite, Stored, Write
+
+CHILD = str(Path(__file__).with_name("_sqlite_child.py"))
+
+
+def w(key: str, expected: int, version: int, data: bytes = b"s", *receipts: Receipt) -> Write:
+    return Write("T", key, expected, version, 1, data, tuple(receipts))
+
+
+@contextlib.asynccontextmanager
+async def opened(backend: Backend, world: str = "default") -> AsyncIterator[Backend]:
+    await backend.open(world)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "world.db"
+
+
+def stat(backend: Backend, name: str) -> float:
+    value = backend.statistics()[name]
+    assert isinstance(value, int | float)
+    return value
+
+
+def child(mode: str, path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, CHILD, mode, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_child(mode: str, path: Path, timeout: float = 20) -> tuple[int, str, str]:
+    """Run the child to its end; a child that hangs is killed and fails the test."""
+    proc = child(mode, path)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the {mode} child hung: {out!r} {err!r}")
+    return proc.returncode, out, err
+
+
+# -- semantics ---------------------------------------------------------------------------------
+
+
+async def test_load_commit_conflict_receipts_roundtrip(db: Path) -> None:
+    async with opened(SQLite(db)) as b:
+        assert await b.load_many([("T", "a")]) == [None]
+        r1 = Receipt("r1", 1, b"reply", 10.0)
+        assert await b.commit([w("a", 0, 1, b"one", r1)]) == [True]
+        assert await b.commit([w("a", 0, 1, b"other")]) == [False]  # lost: stored is 1
+        assert await b.commit([w("a", 1, 3, b"three"), w("b", 5, 6), w("c", 0, 1)]) == [
+            True,
+            False,  # b was never stored, so expected 5 loses
+            True,
+        ]
+        assert await b.load_many([("T", "a"), ("T", "b"), ("U", "a"), ("T", "a")]) == [
+            Stored(3, 1, b"three"),
+            None,
+            None,
+            Stored(3, 1, b"three"),
+        ]
+        assert await b.receipt("T", "a", "r1") == r1
+        assert await b.receipt("T", "a", "r2") is None
+        assert await b.receipt("T", "c", "r1") is None
+        # A lost write's receipts are not stored.
+        assert await b.commit([w("a", 1, 2, b"x", Receipt("r2", 2, b"", 11.0))]) == [False]
+        assert await b.receipt("T", "a", "r2") is None
+        assert await b.commit([w("a", 3, 4, b"x", Receipt("r3", 4, b"", 20.0))]) == [True]
+        assert await b.prune_receipts(15.0) == 1
+        assert await b.receipt("T", "a", "r1") is None
+        assert await b.receipt("T", "a", "r3") == Receipt("r3", 4, b"", 20.0)
+        assert await b.commit([]) == []
+        assert await b.load_many([]) == []
+
+
+async def test_list_keys_prefix_after_paging_and_code_point_order(db: Path) -> None:
+    keys = ["a", "ab", "abc", "abd", "b", "é", "\uffff", "\U0001f600", "\U0010ffff", "z\U0010ffffa"]
+    memory = Memory()
+    async with opened(SQLite(db)) as b, opened(memory):
+        for m in (b, memory):
+            await m.commit([w(k, 0, 1) for k in keys])
+            await m.commit([Write("U", "a", 0, 1, 1, b"")])
+        assert await b.list_keys("T") == sorted(keys)
+        assert await b.list_keys("T", prefix="ab") == ["ab", "abc", "abd"]
+        assert await b.list_keys("T", prefix="ab", after="abc") == ["abd"]
+        assert await b.list_keys("T", prefix="z\U0010ffff") == ["z\U0010ffffa"]
+        assert await b.list_keys("T", limit=0) == []
+        assert await b.list_keys("V") == []
+        pages, after = [], None
+        while page := await b.list_keys("T", after=after, limit=3):
+            pages.append(page)
+            after = page[-1]
+        assert [len(p) for p in pages] == [3, 3, 3, 1]
+        assert [k for p in pages for k in p] == sorted(keys)
+        # The same answers as the reference, for many prefixes and bounds (even odd ones).
+        probes = ["", "a", "ab", "abc", "b", "c", "é", "\ud7ff", "\ud800", "\uffff", "\U0010ffff"]
+        for prefix in probes:
+            for after in [None, *probes]:
+                for limit in (1, 2, 1000):
+                    expected = await memory.list_keys("T", prefix=prefix, after=after, limit=limit)
+                    got = await b.list_keys("T", prefix=prefix, after=after, limit=limit)
+                    assert got == expected, (prefix, after, limit)
+
+
+async def test_load_many_of_many_refs_over_several_types(db: Path) -> None:
+    async with opened(SQLite(db)) as b:
+        assert await b.commit(
+            [Write(t, str(i), 0, i + 1, 2, b"%d" % i) for t in "TU" for i in range(1200)]
+        )
+        refs = [(t, str(i)) for i in range(1300) for t in "TUV"]
+        random.Random(1).shuffle(refs)
+        got = await b.load_many(refs)
+        for (t, k), stored in zip(refs, got, strict=True):
+            if t == "V" or int(k) >= 1200:
+                assert stored is None
+            else:
+                assert stored == Stored(int(k) + 1, 2, k.encode())
+        # Concurrent loads are answered together, each with its own refs.
+        answers = await asyncio.gather(
+            *(b.load_many([("T", str(i)), ("T", "x")]) for i in range(50))
+        )
+        assert answers == [[Stored(i + 1, 2, str(i).encode()), None] for i in range(50)]
+
+
+async def test_commits_in_one_group_apply_in_call_order_like_memory(db: Path) -> None:
+    # Random concurrent commits land in few transactions; the answers and the final rows must be
+    # those of the reference applying the same calls one after the other.
+    rng = random.Random(7)
+    memory = Memory()
+    async with opened(SQLite(db)) as b, opened(memory):
+        for _ in range(20):
+            calls = []
+            for _ in range(rng.randint(1, 60)):
+                writes, seen = [], set()
+                for _ in range(rng.randint(1, 3)):
+                    key = rng.choice("abcdef")
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    expected = rng.randint(0, 4)
+                    receipt = Receipt(f"r{rng.randint(0, 3)}", expected + 1, b"%d" % expected, 1.0)
+                    writes.append(w(key, expected, expected + 1, b"v%d" % rng.random(), receipt))
+                calls.append(writes)
+            expected_answers = [await memory.commit(c) for c in calls]
+            assert await asyncio.gather(*(b.commit(c) for c in calls)) == expected_answers
+            refs = [("T", k) for k in "abcdef"]
+            assert await b.load_many(refs) == await memory.load_many(refs)
+            for key in "abcdef":
+                for rid in ("r0", "r1", "r2", "r3"):
+                    assert await b.receipt("T", key, rid) == await memory.receipt("T", key, rid)
+        assert stat(b, "conflicts") > 0
+        assert stat(b, "transactions") < stat(b, "commits")
+
+
+async def test_one_group_with_an_insert_then_an_update_of_the_same_entity(db: Path) -> None:
+    async with opened(SQLite(db)) as b:
+        # Queue order: insert (0 -> 1), then update (1 -> 2): both win, in one transaction.
+        assert list(
+            await asyncio.gather(b.commit([w("a", 0, 1)]), b.commit([w("a", 1, 2, b"2")]))
+        ) == [
+            [True],
+            [True],
+        ]
+        # Queue order: update of a missing row (loses), then insert (wins).
+        assert list(
+            await asyncio.gather(b.commit([w("z", 1, 2)]), b.commit([w("z", 0, 1, b"1")]))
+        ) == [
+            [False],
+            [True],
+        ]
+        assert await b.load_many([("T", "a"), ("T", "z")]) == [
+            Stored(2, 1, b"2"),
+            Stored(1, 1, b"1"),
+        ]
+        assert b.statistics()["transactions"] == 2
+
+
+async def test_worlds_in_one_file_do_not_see_each_other(db: Path) -> None:
+    async with opened(SQLite(db), "one") as b:
+        assert await b.commit(
+            [w("a", 0, 1, b"one"), Write("T", "b", 0, 1, 1, b"", (Receipt("r", 1, b"", 1.0),))]
+        )
+    async with opened(SQLite(db), "two") as b:
+        assert await b.load_many([("T", "a")]) == [None]
+        assert await b.list_keys("T") == []
+        assert await b.receipt("T", "b", "r") is None
+        assert await b.prune_receipts(10.0) == 0
+        assert await b.commit([w("a", 0, 1, b"two")]) == [True]  # expected 0: new in this world
+    async with opened(SQLite(db), "one") as b:
+        assert await b.load_many([("T", "a")]) == [Stored(1, 1, b"one")]
+        assert await b.list_keys("T") == ["a", "b"]
+        assert await b.receipt("T", "b", "r") == Receipt("r", 1, b"", 1.0)
+
+
+async def test_data_survives_reopening_and_the_schema_is_versioned(db: Path) -> None:
+    backend = SQLite(db)
+    async with opened(backend):
+        assert await backend.commit([w("a", 0, 1, b"kept")]) == [True]
+    async with opened(backend):  # the same object may be opened again after aclose
+        assert await backend.load_many([("T", "a")]) == [Stored(1, 1, b"kept")]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [
+            (1,)
+        ]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT world, type, key, version FROM entities").fetchall() == [
+            ("default", "T", "a", 1)
+        ]
+
+
+async def test_closed_or_reopened_backend(db: Path) -> None:
+    backend = SQLite(db)
+    with pytest.raises(Unavailable):
+        await backend.commit([w("a", 0, 1)])
+    async with opened(backend):
+        with pytest.raises(InvalidOptions):
+            await backend.open("default")
+    for call in (
+        backend.commit([w("a", 0, 1)]),
+        backend.load_many([("T", "a")]),
+        backend.receipt("T", "a", "r"),
+        backend.list_keys("T"),
+        backend.prune_receipts(1.0),
+    ):
+        with pytest.raises(Unavailable):
+            await call
+    await backend.aclose()  # closing twice is harmless
+
+
+async def test_aclose_applies_every_queued_commit(db: Path) -> None:
+    backend = SQLite(db)
+    await backend.open("default")
+    tasks = [asyncio.ensure_future(backend.commit([w(str(i), 0, 1)])) for i in range(100)]
+    await asyncio.sleep(0)  # the calls are queued, not answered
+    await backend.aclose()
+    assert [t.result() for t in tasks] == [[True]] * 100
+    async with opened(SQLite(db)) as b:
+        assert len(await b.list_keys("T")) == 100
+
+
+async def test_writer_jobs_apply_in_call_order(db: Path) -> None:
+    async with opened(SQLite(db)) as b:
+        # Called in the same loop iteration: the prune comes after the commit, and sees its receipt.
+        commit = asyncio.ensure_future(b.commit([w("a", 0, 1, b"", Receipt("r", 1, b"", 1.0))]))
+        prune = asyncio.ensure_future(b.prune_receipts(2.0))
+        assert await commit == [True]
+        assert await prune == 1
+        assert await b.receipt("T", "a", "r") is None
+
+
+# -- group commit ------------------------------------------------------------------------------
+
+
+async def test_group_commit_groups_concurrent_calls(db: Path) -> None:
+    async with opened(SQLite(db)) as b:
+        answers = await asyncio.gather(*(b.commit([w(f"k{i}", 0, 1)]) for i in range(1000)))
+        assert answers == [[True]] * 1000
+        assert stat(b, "commits") == 1000
+        assert stat(b, "writes") == 1000
+        assert stat(b, "transactions") <= 10
+        assert stat(b, "largest_group") >= 100
+        assert stat(b, "average_group") >= 100
+        assert stat(b, "pending") == 0
+        assert len(await b.list_keys("T", limit=5000)) == 1000
+
+
+async def test_cancelling_commit_does_not_withdraw_the_write(db: Path) -> None:
+    async with opened(SQLite(db)) as b:
+        cancelled = asyncio.ensure_future(b.commit([w("a", 0, 1)]))
+        other = asyncio.ensure_future(b.commit([w("b", 0, 1)]))
+        await asyncio.sleep(0)  # both queued, for one transaction
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        # The other caller of the group is answered (the cancelled one is skipped) ...
+        assert await asyncio.wait_for(other, 10) == [True]
+        # ... the cancelled write still committed, and the writer thread is alive.
+        assert await asyncio.wait_for(b.commit([w("a", 1, 2)]), 10) == [True]
+        assert await b.load_many([("T", "a")]) == [Stored(2, 1, b"s")]
+
+
+async def test_callers_on_other_event_loops_even_closed_ones(db: Path) -> None:
+    async with opened(SQLite(db)) as b:
+        # A commit from another thread's event loop is answered on that loop.
+        assert await asyncio.to_thread(asyncio.run, b.commit([w("a", 0, 1)])) == [True]
+
+        def abandon_a_loop() -> None:
+            loop = asyncio.new_event_loop()
+            task = loop.create_task(b.commit([w("b", 0, 1)]))
+            loop.run_until_complete(asyncio.sleep(0))  # queued
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+            loop.close()  # the writer thread answers a closed loop: nobody listens
+
+        await asyncio.to_thread(abandon_a_loop)
+        await asyncio.sleep(0.05)  # let the writer thread answer the closed loop
+        assert await asyncio.wait_for(b.commit([w("b", 1, 2), w("c", 0, 1)]), 10) == [True, True]
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+async def test_full_database_fails_the_commit_and_keeps_the_previous_state(db: Path) -> None:
+    async with opened(SQLite(db, max_pages=40)) as b:
+        assert await b.commit([w("a", 0, 1, b"small")]) == [True]
+        big = b"x" * 400_000  # 100 pages of 4 KiB: over the cap
+        with pytest.raises(Unavailable, match="full"):
+            await b.commit([w("a", 1, 2, big), w("b", 0, 1)])
+        # Together with small requests: only the one that does not fit fails.
+        small, large = await asyncio.gather(
+            b.commit([w("c", 0, 1, b"c")]), b.commit([w("d", 0, 1, big)]), return_exceptions=True
+        )
+        assert small == [True]
+        assert isinstance(large, Unavailable)
+        assert await b.load_many([("T", "a"), ("T", "b"), ("T", "c"), ("T", "d")]) == [
+            Stored(1, 1, b"small"),
+            None,
+            Stored(1, 1, b"c"),
+            None,
+        ]
+        assert await b.commit([w("a", 1, 2, b"still small")]) == [True]
+        assert stat(b, "failed_transactions") >= 2
+    async with opened(SQLite(db)) as b:  # the cap lifted
+        assert await b.commit([w("a", 2, 3, big)]) == [True]
+        assert await b.load_many([("T", "a"), ("T", "c")]) == [
+            Stored(3, 1, big),
+            Stored(1, 1, b"c"),
+        ]
+
+
+async def test_a_bad_value_fails_alone_with_too_large_or_type_error(db: Path) -> None:
+    def small_limit(conn: sqlite3.Connection) -> None:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000)
+
+    async with opened(SQLite(db, _on_connect=small_limit)) as b:
+        ok, too_large, no_state, not_bytes = await asyncio.gather(
+            b.commit([w("a", 0, 1)]),
+            b.commit([w("b", 0, 1, b"x" * 20_000)]),
+            b.commit([w("c", 0, 1, None)]),  # type: ignore[arg-type]
+            b.commit([w("d", 0, 1, object())]),  # type: ignore[arg-type]
+            return_exceptions=True,
+        )
+        assert ok == [True]
+        assert isinstance(too_large, TooLarge)
+        assert isinstance(no_state, TypeError)
+        assert isinstance(not_bytes, TypeError)
+        refs = [("T", k) for k in "abcd"]
+        assert await b.load_many(refs) == [Stored(1, 1, b"s"), None, None, None]
+
+
+async def test_a_failed_commit_statement_is_indeterminate_for_the_whole_group(db: Path) -> None:
+    deny = [True]
+
+    def refuse_commit(conn: sqlite3.Connection) -> None:
+        def authorizer(action: int, arg1: str | None, *_: object) -> int:
+            if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT" and deny[0]:
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+
+        conn.set_authorizer(authorizer)
+
+    async with opened(SQLite(db, _on_connect=refuse_commit)) as b:
+        first, second = await asyncio.gather(
+            b.commit([w("a", 0, 1)]), b.commit([w("b", 0, 1)]), return_exceptions=True
+        )
+        # The outcome of a failed COMMIT is unknown in general: no retry, one answer for all.
+        assert isinstance(first, Indeterminate)
+        assert isinstance(second, Indeterminate)
+        assert await b.load_many([("T", "a"), ("T", "b")]) == [None, None]  # here: rolled back
+        deny[0] = False
+        assert await b.commit([w("a", 0, 1)]) == [True]
+
+
+async def test_a_file_that_is_not_a_database_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not a database" * 100)
+    backend = SQLite(path)
+    with pytest.raises(Unavailable, match=r"junk\.db"):
+        await backend.open("default")
+    with pytest.raises(Unavailable):
+        await SQLite(tmp_path / "missing" / "folder.db").open("default")
+    # A failed open releases the lock: a good file at the same place opens at once.
+    path.unlink()
+    async with opened(backend) as b:
+        assert await b.commit([w("a", 0, 1)]) == [True]
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"synchronous": "OFF"},
+        {"synchronous": "EXTRA"},
+        {"synchronous": 2},
+        {"busy_timeout": -1},
+        {"busy_timeout": float("nan")},
+        {"busy_timeout": True},
+        {"max_pages": 0},
+        {"max_pages": 1.5},
+    ],
+)
+def test_bad_options_are_refused_at_construction(db: Path, kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidOptions):
+        SQLite(db, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", ["", ":memory:", b"bytes.db", 3])
+def test_bad_paths_are_refused(path: object) -> None:
+    with pytest.raises(InvalidOptions):
+        SQLite(path)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "pragma"), [("FULL", 2), ("full", 2), ("NORMAL", 1), ("Normal", 1)]
+)
+async def test_synchronous_option_reaches_the_writer(db: Path, given: str, pragma: int) -> None:
+    seen: list[int] = []
+
+    def probe(conn: sqlite3.Connection) -> None:
+        seen.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    async with opened(SQLite(db, synchronous=given, _on_connect=probe)) as b:
+        assert await b.commit([w("a", 0, 1)]) == [True]
+        assert await b.load_many([("T", "a")]) == [Stored(1, 1, b"s")]
+    assert seen == [pragma]
+
+
+def test_class_facts(db: Path) -> None:
+    assert SQLite.scope == "one machine"
+    assert SQLite.durable is True
+    assert "world.db" in repr(SQLite(db))
+
+
+# -- one process per file ----------------------------------------------------------------------
+
+
+async def test_second_open_in_this_process_is_refused(db: Path) -> None:
+    async with opened(SQLite(db)):
+        with pytest.raises(StorageLocked, match=r"world\.db is already open in this process"):
+            await SQLite(db).open("default")
+        with pytest.raises(StorageLocked):  # another spelling of the same file
+            await SQLite(db.parent / "." / db.name).open("other")
+    async with opened(SQLite(db)):  # released by aclose
+        pass
+
+
+async def test_second_process_gets_storage_locked_quickly(db: Path) -> None:
+    async with opened(SQLite(db)):
+        started = time.monotonic()
+        _, out, err = await asyncio.to_thread(run_child, "lock", db)
+        assert time.monotonic() - started < 10  # fails fast (mostly interpreter start-up)
+        assert out.startswith("LOCKED"), (out, err)
+        assert str(db) in out
+        assert f"pid {os.getpid()}" in out
+    _, out, err = await asyncio.to_thread(run_child, "lock", db)
+    assert out.strip() == "OPENED", (out, err)
+
+
+def test_acknowledged_commits_survive_sigkill(db: Path) -> None:
+    proc = child("writer", db)
+    assert proc.stdout is not None
+    acked: dict[str, int] = {}
+    lines = 0
+    deadline = time.monotonic() + 30
+    while lines < 400 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        key, version = line.split()
+        acked[key] = int(version)
+        lines += 1
+    proc.send_signal(signal.SIGKILL)
+    rest, err = proc.communicate(timeout=30)
+    for line in rest.splitlines():  # printed before the kill, so acknowledged too
+        key, version = line.split()
+        acked[key] = int(version)
+    assert lines >= 400, err
+    assert proc.returncode == -signal.SIGKILL
+
+    async def check() -> None:
+        async with opened(SQLite(db)) as b:
+            keys = sorted(acked)
+            for key, stored in zip(keys, await b.load_many([("T", k) for k in keys]), strict=True):
+                assert stored is not None
+                # Nothing acknowledged is lost; at most the one commit in flight is extra.
+                assert acked[key] <= stored.version <= acked[key] + 1, (key, acked[key], stored)
+                assert stored.data == str(stored.version).encode()
+
+    asyncio.run(check())
+
+
+def test_interpreter_exits_without_aclose_and_with_a_commit_in_flight(db: Path) -> None:
+    returncode, out, err = run_child("noclose", db)
+    assert returncode == 0, err
+    assert out.strip() == "DONE"
+    assert err == ""
+
+    async def check() -> None:
+        async with opened(SQLite(db)) as b:  # the lock died with the process
+            assert (await b.load_many([("T", "a")]))[0] == Stored(1, 1, b"one")
+
+    asyncio.run(check())
