@@ -269,7 +269,9 @@ class Engine:
                 continue
             writes: list[Write] = []
             owners: list[Resident] = []
-            for _ in range(len(ready)):
+            # At most `max_batch` entities per turn: their write goes to the backend, which can
+            # start committing while the next turn runs (a pipeline, not one big batch per wave).
+            for _ in range(min(len(ready), max_batch)):
                 resident = ready.popleft()
                 resident.scheduled = False
                 if resident.phase != READY or resident.busy:
@@ -309,9 +311,6 @@ class Engine:
                     )
                 )
                 owners.append(resident)
-                if len(writes) >= max_batch:
-                    self._send(writes, owners)
-                    writes, owners = [], []
             if writes:
                 self._send(writes, owners)
             # Let callers run and fill the mailboxes before the next turn.
@@ -327,32 +326,32 @@ class Engine:
         )
 
     def _run_batch(self, resident: Resident, batch: list[Call]) -> None:
-        """Run calls of one entity on its tip state; each lands in ``pending`` with its result."""
+        """Run calls of one entity on its tip state; each lands in ``pending`` with its result.
+
+        A plain (``def``) handler runs to completion here: it cannot be interrupted, so keep it
+        short; ``activation_timeout`` bounds ``async def`` handlers (see ``_finish_async``).
+        """
         info = resident.info
+        if resident.error is not None:  # it cannot run here (e.g. a newer stored version)
+            self._refuse_batch(resident, batch)
+            return
         decode = info.codec.decode
         cls = info.cls
-        timeout = self._activation_timeout
-        monotonic = self._monotonic
+        key = resident.key
+        # The batch list itself becomes the pending list (the common case), unless calls are
+        # pending already or one of the batch is skipped.
         pending = resident.pending
-        if pending is None:
-            # Nothing pending yet (the common case): the batch list itself becomes the pending
-            # list, unless a call in it is skipped.
-            pending = resident.pending = [] if _any_done(batch) else None
         # Written back to the resident at the end; kept in locals for speed.
-        tip, tip_data, tip_obj = resident.tip_version, resident.tip_data, resident.tip_obj
-        ran = 0
+        first = tip = resident.tip_version
+        tip_data, tip_obj = resident.tip_data, resident.tip_obj
         for call in batch:
             if call.future.done():  # timed out or cancelled while queued: nothing happens
                 resident.queued -= 1
-                continue
-            if resident.error is not None:
-                call.result = resident.error
-                if pending is not None:
-                    pending.append(call)
+                if pending is None:
+                    pending = batch[: batch.index(call)]
                 continue
             entity = cls.__new__(cls)
-            entity.key = resident.key
-            started = monotonic()
+            entity.key = key
             try:
                 # A fresh state per run: a handler that mutates and then raises leaks nothing.
                 new = entity.activate(
@@ -361,11 +360,10 @@ class Engine:
                 if info.is_async:
                     index = batch.index(call)
                     if pending is None:
-                        pending = resident.pending = batch[:index]
+                        pending = batch[:index]
+                    resident.pending = pending
                     self._run_async(resident, call, new, batch[index + 1 :])
                     break
-                if timeout is not None and monotonic() - started > timeout:
-                    raise Timeout(f"the handler ran longer than {timeout} s; result discarded")
                 if type(new) in info.shareable:
                     # An immutable scalar: no copy, and none of the codec's preparation.
                     data = info.encode_scalar(new)
@@ -388,13 +386,22 @@ class Engine:
                 call.data = tip_data = data
                 call.result = value
                 tip_obj = obj
-                ran += 1
             if pending is not None:
                 pending.append(call)
-        if pending is None:
-            resident.pending = batch
+        resident.pending = batch if pending is None else pending
         resident.tip_version, resident.tip_data, resident.tip_obj = tip, tip_data, tip_obj
-        self.stats["activations"] += ran
+        self.stats["activations"] += tip - first
+
+    def _refuse_batch(self, resident: Resident, batch: list[Call]) -> None:
+        pending = resident.pending
+        if pending is None:
+            pending = resident.pending = []
+        for call in batch:
+            if call.future.done():
+                resident.queued -= 1
+            else:
+                call.result = resident.error
+                pending.append(call)
 
     @staticmethod
     def _encode(info: EntityInfo, new: Any) -> tuple[bytes, Any]:
@@ -502,26 +509,23 @@ class Engine:
                 self._lost(resident, error, reload=True)
             return
         now = self.clock.monotonic()
-        channels_of = self.channels.get
+        channels = self.channels
         schedule = self.schedule
         for write, resident, won in zip(writes, owners, outcome, strict=True):
             if not won:
                 self.stats["conflicts"] += 1
                 self._rerun(resident)
                 continue
-            inflight = resident.inflight
-            assert inflight is not None
+            inflight: list[Call] = resident.inflight  # type: ignore[assignment]
             resident.inflight = None
             resident.version = write.version
             resident.data = write.data
             resident.used = now
-            channels = channels_of(resident.ref) if self.channels else None
+            if channels and resident.ref in channels:
+                self._notify(channels[resident.ref], inflight)
+            # The output gate opens here, after the commit (an inlined `_answer` per call).
+            resident.queued -= len(inflight)
             for call in inflight:
-                if channels and call.version is not None and call.data is not None:
-                    for channel in channels:
-                        channel.push(call.version, call.data)
-                # Inlined `_answer`: the output gate opens here, after the commit.
-                resident.queued -= 1
                 if call.idempotency_key is not None:
                     self._forget(resident, call)
                 future = call.future
@@ -534,6 +538,17 @@ class Engine:
                         future.set_result(result)
             if resident.pending or resident.mailbox:
                 schedule(resident)
+
+    @staticmethod
+    def _notify(channels: set[Channel], calls: list[Call]) -> None:
+        """Push the committed versions of ``calls`` to an entity's followers, in order."""
+        for call in calls:
+            version = call.version
+            if version is not None:
+                data = call.data
+                assert data is not None
+                for channel in channels:
+                    channel.push(version, data)
 
     def _rerun(self, resident: Resident) -> None:
         """The write lost (or the cache is doubtful): run everything on top of it again."""
@@ -641,13 +656,6 @@ class Engine:
                 next_prune = now + min(self.options.receipt_ttl / 10, 3600.0)
                 with contextlib.suppress(PachydermError):
                     await self.backend.prune_receipts(self.clock.wall() - self.options.receipt_ttl)
-
-
-def _any_done(calls: list[Call]) -> bool:
-    for call in calls:  # noqa: SIM110 - a plain loop is faster than any() on the hot path
-        if call.future.done():
-            return True
-    return False
 
 
 def _unwrap(info: EntityInfo, update: Update) -> Any:

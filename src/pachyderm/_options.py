@@ -40,7 +40,7 @@ class WorldOptions:
     follower_buffer: int = 64
     receipt_ttl: float = 24 * 3600.0
     turn_budget: int = 128
-    max_batch: int = 2000
+    max_batch: int = 1000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

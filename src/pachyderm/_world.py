@@ -185,8 +185,7 @@ class World:
                 f"the mailbox of {info.name}:{key!r:.60} is full "
                 f"({self._mailbox_size} calls waiting)"
             )
-        loop = self._loop
-        assert loop is not None
+        loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]  # set when open
         future: asyncio.Future[Any] = loop.create_future()
         call = Call(message, future, idempotency_key)
         if idempotency_key is not None:

@@ -1,0 +1,193 @@
+"""The SQLite backend's reader thread: loads, receipts and key listings on a read-only connection.
+
+In WAL mode the reader's connection sees committed data only. The reads of one drain share one
+snapshot, and the loads among them share their queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from typing import Final
+
+from .._errors import Unavailable
+from ._base import Receipt, Stored
+from ._sqlite_jobs import LOAD, RECEIPT, Channel, Job, Loop, Outcome, Worker, deliver_all
+from ._sqlite_schema import Database
+
+__all__ = ["Reader"]
+
+_GET_RECEIPT: Final = (
+    "SELECT version, result, at FROM receipts WHERE world = ? AND type = ? AND key = ? AND id = ?"
+)
+_LIST_FROM: Final = (
+    "SELECT key FROM entities WHERE world = ? AND type = ? AND key >= ? ORDER BY key LIMIT ?"
+)
+_LIST_FROM_ABOVE: Final = (
+    "SELECT key FROM entities WHERE world = ? AND type = ? AND key > ? ORDER BY key LIMIT ?"
+)
+_LIST_RANGE: Final = (
+    "SELECT key FROM entities WHERE world = ? AND type = ? AND key >= ? AND key < ?"
+    " ORDER BY key LIMIT ?"
+)
+_LIST_RANGE_ABOVE: Final = (
+    "SELECT key FROM entities WHERE world = ? AND type = ? AND key > ? AND key < ?"
+    " ORDER BY key LIMIT ?"
+)
+
+_Answers = list[tuple[Loop, Outcome]]
+
+
+class Reader(Worker):
+    """The reader thread: answers the reads of each drain from one snapshot."""
+
+    role = "pachyderm-sqlite-reader"
+
+    def __init__(self, db: Database, channel: Channel) -> None:
+        super().__init__(db.path, channel)
+        self.db = db
+
+    def connect(self) -> sqlite3.Connection:
+        return self.db.connect(self.db.setup_reader)
+
+    def release(self) -> None:
+        """Nothing to free: the writer holds the file lock."""
+
+    def run(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
+        deliver_all(self.read(conn, jobs))
+
+    def read(self, conn: sqlite3.Connection, jobs: list[Job]) -> _Answers:
+        """Run read jobs in one snapshot; the loads among them share their queries."""
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.Error as e:
+            error = _read_error(e, self.path)
+            return [(loop, (future, None, error)) for _, _, future, loop in jobs]
+        try:
+            loads = [job for job in jobs if job[0] == LOAD]
+            out = self.load_jobs(conn, loads) if loads else []
+            out.extend(self.one_read(conn, job) for job in jobs if job[0] != LOAD)
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
+        return out
+
+    def load_jobs(self, conn: sqlite3.Connection, jobs: list[Job]) -> _Answers:
+        """Answer load jobs with shared queries (a job with bad refs fails alone)."""
+        refs: dict[tuple[str, str], None] = {}
+        try:
+            for job in jobs:
+                refs.update(dict.fromkeys(job[1]))
+            try:
+                found = self.load_refs(conn, list(refs))
+            except UnicodeEncodeError:  # such a ref was never stored: leave it out
+                valid = [ref for ref in refs if _is_unicode(ref[0]) and _is_unicode(ref[1])]
+                found = self.load_refs(conn, valid)
+        except Exception as e:
+            if len(jobs) > 1 and not isinstance(e, sqlite3.OperationalError):
+                return [outcome for job in jobs for outcome in self.load_jobs(conn, [job])]
+            error = _read_error(e, self.path)
+            return [(loop, (future, None, error)) for _, _, future, loop in jobs]
+        return [
+            (loop, (future, [found.get(ref) for ref in job_refs], None))
+            for _, job_refs, future, loop in jobs
+        ]
+
+    def load_refs(
+        self, conn: sqlite3.Connection, refs: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], Stored]:
+        return {
+            (t, k): Stored(version, type_version, state)
+            for t, k, version, type_version, state in self.db.select(
+                conn, refs, "version, type_version, state"
+            )
+        }
+
+    def one_read(self, conn: sqlite3.Connection, job: Job) -> tuple[Loop, Outcome]:
+        kind, arg, future, loop = job
+        result: object
+        try:
+            if kind == RECEIPT:
+                try:
+                    result = self.get_receipt(conn, *arg)
+                except UnicodeEncodeError:  # not Unicode: never stored
+                    result = None
+            else:
+                result = self.list_keys(conn, *arg)
+        except Exception as e:
+            return loop, (future, None, _read_error(e, self.path))
+        return loop, (future, result, None)
+
+    def get_receipt(
+        self, conn: sqlite3.Connection, type_name: str, key: str, id: str
+    ) -> Receipt | None:
+        row = conn.execute(_GET_RECEIPT, (self.db.world, type_name, key, id)).fetchone()
+        return None if row is None else Receipt(id, row[0], row[1], row[2])
+
+    def list_keys(
+        self,
+        conn: sqlite3.Connection,
+        type_name: str,
+        prefix: str,
+        after: str | None,
+        limit: int,
+    ) -> list[str]:
+        # Keys start with `prefix` exactly when prefix <= key < _successor(prefix); in SQLite's
+        # binary collation UTF-8 byte order is code point order, as for Python strings.
+        if not _is_unicode(prefix) or not _is_unicode(type_name):
+            return []
+        if after is not None and after >= prefix:
+            low, strict = _valid_floor(after)
+        else:
+            low, strict = prefix, False
+        high = _successor(prefix)
+        world = self.db.world
+        if high is None:
+            sql = _LIST_FROM_ABOVE if strict else _LIST_FROM
+            params: tuple[object, ...] = (world, type_name, low, limit)
+        else:
+            sql = _LIST_RANGE_ABOVE if strict else _LIST_RANGE
+            params = (world, type_name, low, high, limit)
+        return [key for (key,) in conn.execute(sql, params)]
+
+
+def _read_error(error: Exception, path: str) -> Exception:
+    if isinstance(error, sqlite3.Error) and not isinstance(
+        error, sqlite3.ProgrammingError | sqlite3.InterfaceError
+    ):
+        return Unavailable(f"SQLite could not read ({path}): {error}")
+    return TypeError(f"the SQLite backend cannot read with these values: {error!r}")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _valid_floor(after: str) -> tuple[str, bool]:
+    """``(low, strict)`` such that the valid keys > ``after`` are those > or >= ``low``.
+
+    ``after`` may hold a lone surrogate (which SQLite cannot bind); no stored key holds one, so
+    the keys above ``after`` are those at or above its part before the surrogate + U+E000.
+    """
+    for i, char in enumerate(after):
+        if "\ud800" <= char <= "\udfff":
+            return after[:i] + "\ue000", False
+    return after, True
+
+
+def _successor(prefix: str) -> str | None:
+    """The least string above every string starting with ``prefix`` (None: there is none)."""
+    while prefix:
+        last = ord(prefix[-1])
+        if last < 0x10FFFF:
+            nxt = last + 1
+            if 0xD800 <= nxt <= 0xDFFF:
+                nxt = 0xE000
+            return prefix[:-1] + chr(nxt)
+        prefix = prefix[:-1]
+    return None

@@ -1,0 +1,208 @@
+"""The SQLite backend's file: the process lock, the tables, and how each thread connects."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
+
+from .._errors import StorageLocked, Unavailable
+
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = ["SCHEMA_VERSION", "SYNCHRONOUS", "Database", "FileLock", "write_transaction"]
+
+#: The version of the tables' layout; stored in ``meta`` as ``schema_version``.
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS entities ("
+    " world TEXT NOT NULL, type TEXT NOT NULL, key TEXT NOT NULL,"
+    " version INTEGER NOT NULL, type_version INTEGER NOT NULL, state BLOB NOT NULL,"
+    " PRIMARY KEY (world, type, key)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS receipts ("
+    " world TEXT NOT NULL, type TEXT NOT NULL, key TEXT NOT NULL, id TEXT NOT NULL,"
+    " version INTEGER NOT NULL, result BLOB NOT NULL, at REAL NOT NULL,"
+    " PRIMARY KEY (world, type, key, id)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS receipts_by_time ON receipts (world, at)",
+)
+#: The accepted values of the ``synchronous`` option, and their statement.
+SYNCHRONOUS: Final = {"FULL": "PRAGMA synchronous = FULL", "NORMAL": "PRAGMA synchronous = NORMAL"}
+
+# Files open in this process (real paths), so that a second open fails with a clear message.
+_held: set[str] = set()
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE``, then ``COMMIT`` if the block ends normally, else ``ROLLBACK``."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+class FileLock:
+    """One process per file: an exclusive ``flock`` on ``<path>.lock``, holding the owner's pid.
+
+    The kernel releases a ``flock`` when its holder dies, however it dies (even by SIGKILL), so
+    a new process can open the file at once. Mutable state: ``fd`` (held or not), changed by
+    ``acquire`` on the loop and by ``release`` on the writer thread, under ``_held_lock``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.real = os.path.realpath(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ``StorageLocked`` (or ``Unavailable``) at once."""
+        if sys.platform == "win32":  # pragma: no cover - POSIX only
+            raise Unavailable("the SQLite backend needs fcntl.flock (POSIX)")
+        with _held_lock:
+            if self.real in _held:
+                raise StorageLocked(
+                    f"{self.path} is already open in this process (pid {os.getpid()}); "
+                    "one World per file"
+                )
+            lock_path = self.real + ".lock"
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise Unavailable(f"cannot open the lock file {lock_path}: {e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = ""
+                with contextlib.suppress(OSError, ValueError):
+                    holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+                os.close(fd)
+                if isinstance(e, BlockingIOError):
+                    raise StorageLocked(
+                        f"{self.path} is open in another process{holder}; "
+                        f"one process per SQLite file (lock file {lock_path})"
+                    ) from None
+                raise Unavailable(f"cannot lock {lock_path}: {e}") from e
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
+            _held.add(self.real)
+
+    def release(self) -> None:
+        """Free the lock if held (harmless otherwise)."""
+        with _held_lock:
+            fd, self.fd = self.fd, None
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                os.close(fd)  # releases the flock
+                _held.discard(self.real)
+
+
+class Database:
+    """One world in one file: how the threads connect, and the queries both threads share.
+
+    Mutable state: ``chunk`` (keys per ``IN (...)`` list), set from the connection's limit by
+    whichever thread connects; every connection of a process has the same limit.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        world: str,
+        *,
+        synchronous_sql: str,
+        busy_timeout: float,
+        max_pages: int | None,
+        on_connect: Callable[[sqlite3.Connection], object] | None,
+    ) -> None:
+        self.path = path
+        self.world = world
+        self.synchronous_sql = synchronous_sql
+        self.busy_timeout = busy_timeout
+        self.max_pages = max_pages
+        self.on_connect = on_connect
+        self.chunk = 400
+
+    def connect(self, setup: Callable[[sqlite3.Connection], None]) -> sqlite3.Connection:
+        """A new connection, configured; raises ``Unavailable`` (or the setup's error)."""
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None, cached_statements=256
+            )
+        except sqlite3.Error as e:
+            raise Unavailable(f"cannot open {self.path}: {e}") from e
+        try:
+            setup(conn)
+            with contextlib.suppress(sqlite3.Error):
+                limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+                self.chunk = max(1, min(500, limit - 4))
+        except BaseException as e:
+            conn.close()
+            if isinstance(e, sqlite3.Error):
+                raise Unavailable(f"cannot open {self.path}: {e}") from e
+            raise
+        return conn
+
+    def setup_writer(self, conn: sqlite3.Connection) -> None:
+        """WAL, durability, the size cap, and the tables (created or checked)."""
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise Unavailable(f"{self.path}: SQLite refused WAL mode (journal_mode={mode})")
+        conn.execute(self.synchronous_sql)
+        if self.max_pages is not None:
+            conn.execute(f"PRAGMA max_page_count = {int(self.max_pages)}")
+        with write_transaction(conn):
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT (key) DO NOTHING",
+                (SCHEMA_VERSION,),
+            )
+            (stored,) = conn.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+        if stored != SCHEMA_VERSION:
+            raise Unavailable(
+                f"{self.path} has schema_version {stored!r}; this Pachyderm knows "
+                f"{SCHEMA_VERSION} (a newer Pachyderm wrote it?)"
+            )
+        if self.on_connect is not None:
+            self.on_connect(conn)
+
+    @staticmethod
+    def setup_reader(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA query_only = ON")
+
+    def select(
+        self, conn: sqlite3.Connection, refs: list[tuple[str, str]], columns: str
+    ) -> Iterable[tuple[Any, ...]]:
+        """Rows ``(type, key, *columns)`` of the stored refs: one query per type and chunk."""
+        by_type: dict[str, list[str]] = {}
+        for type_name, key in refs:
+            by_type.setdefault(type_name, []).append(key)
+        chunk = self.chunk
+        rows: list[tuple[Any, ...]] = []
+        for type_name, keys in by_type.items():
+            for i in range(0, len(keys), chunk):
+                part = keys[i : i + chunk]
+                rows.extend(
+                    conn.execute(
+                        f"SELECT type, key, {columns} FROM entities"  # noqa: S608 - placeholders only
+                        f" WHERE world = ? AND type = ? AND key IN ({','.join('?' * len(part))})",
+                        (self.world, type_name, *part),
+                    )
+                )
+        return rows
