@@ -36,6 +36,9 @@ class ManualClock:
             self._moved.clear()
             await self._moved.wait()
 
+    def call_later(self, seconds: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(seconds, callback, *args)
+
     async def advance(self, seconds: float) -> None:
         self.now += seconds
         self._moved.set()
@@ -81,6 +84,9 @@ async def test_since_resumes_after_a_version(make_backend: MakeBackend) -> None:
         # Resuming from an older version: the versions in between are not kept; the current is.
         older = w.follow(ref, since=1, versions=True)
         assert await older.__anext__() == (4, 4)
+        # From beyond what is stored (say, the storage was replaced): the current one, not silence.
+        beyond = w.follow(ref, since=99, versions=True)
+        assert await beyond.__anext__() == (4, 4)
         with pytest.raises(pachyderm.InvalidOptions):
             w.follow(ref, since=-1)
 

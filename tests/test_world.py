@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import math
 from collections.abc import Callable
 from typing import Any
@@ -319,7 +320,16 @@ async def test_unencodable_and_oversized_states(make_backend: MakeBackend) -> No
 async def test_codec_keeps_tuples_dataclasses_structs_and_pickle(
     make_backend: MakeBackend,
 ) -> None:
-    value = {"t": (1, (2, [3, (4,)])), "l": [1, 2], (1, 2): "tuple key", "n": None}
+    value = {
+        "t": (1, (2, [3, (4,)])),
+        "l": [1, 2],
+        (1, 2): "tuple key",
+        "n": None,
+        "naive": datetime.datetime(2026, 12, 1, 9, 30),
+        "offset": datetime.datetime(
+            2026, 12, 1, 9, 30, tzinfo=datetime.timezone(datetime.timedelta(hours=2))
+        ),
+    }
     async with world(make_backend) as w:
         assert await w.activate((Log, "c"), value) == [value]
         assert await w.activate((Typed, "p"), None) == Point(1, (0, 1))
@@ -329,6 +339,8 @@ async def test_codec_keeps_tuples_dataclasses_structs_and_pickle(
         got = await w.read((Log, "c"))
         assert got == [value]
         assert isinstance(got[0]["t"], tuple)
+        assert got[0]["naive"].tzinfo is None
+        assert got[0]["offset"].utcoffset() == datetime.timedelta(hours=2)
         assert isinstance(got[0]["t"][1][1], list)
         assert await w.read((Typed, "p")) == Point(1, (0, 1))
         assert await w.activate((Structs, "s"), None) == [Item(0), Item(1)]

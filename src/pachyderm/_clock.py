@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
-__all__ = ["Clock", "SystemClock"]
+__all__ = ["Clock", "SystemClock", "Timer"]
 
 
 class Clock(Protocol):
@@ -24,6 +25,16 @@ class Clock(Protocol):
         """Wait ``seconds``. Cancellation stops the wait and nothing else."""
         ...
 
+    def call_later(self, seconds: float, callback: Callable[..., object], *args: Any) -> Timer:
+        """Call ``callback(*args)`` on the event loop after ``seconds``, unless cancelled."""
+        ...
+
+
+class Timer(Protocol):
+    """A scheduled call: ``cancel()`` makes sure it does not happen (if it has not yet)."""
+
+    def cancel(self) -> None: ...
+
 
 class SystemClock:
     """The real clock: the event loop's monotonic time and the system's wall time."""
@@ -39,3 +50,6 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    def call_later(self, seconds: float, callback: Callable[..., object], *args: Any) -> Timer:
+        return asyncio.get_running_loop().call_later(seconds, callback, *args)

@@ -3,7 +3,8 @@
 The rule, for an entity type that declares no ``state_type``:
 
 - builtin values only: ``None``, ``bool``, ``int`` (64-bit), ``float``, ``str``, ``bytes``,
-  ``datetime``, and ``list``, ``tuple`` and ``dict`` of those;
+  ``datetime`` (naive stays naive; an offset comes back as the same fixed offset, the zone's name
+  aside), and ``list``, ``tuple`` and ``dict`` of those;
 - a ``tuple`` comes back as a ``tuple`` and a ``list`` as a ``list``, at any depth, dict keys
   included (tuples travel as a MessagePack extension);
 - anything else (a ``set``, a dataclass, an object) is refused with ``SerializationError``.
@@ -30,7 +31,8 @@ __all__ = ["Codec", "PickleCodec", "TypedCodec", "UntypedCodec", "codec_for"]
 
 _TUPLE: Final = 1
 _PAIRS: Final = 2  # a dict with a tuple among its keys (an Ext cannot be a dict key)
-_SCALARS: Final = frozenset({type(None), bool, int, float, str, bytes, datetime.datetime})
+_DATETIME: Final = 3  # ISO 8601 text: keeps a naive datetime naive and an offset as it was
+_SCALARS: Final = frozenset({type(None), bool, int, float, str, bytes})
 # Values of these types are never mutated in place, so a decoded copy is not needed.
 IMMUTABLE: Final = frozenset({type(None), bool, int, float, str, bytes})
 
@@ -65,6 +67,8 @@ class UntypedCodec:
             return tuple(self._decoder.decode(data))
         if code == _PAIRS:
             return dict(self._decoder.decode(data))
+        if code == _DATETIME:
+            return datetime.datetime.fromisoformat(bytes(data).decode())
         raise SerializationError(f"unknown MessagePack extension {code}")
 
     def _prepare(self, value: object) -> object:
@@ -82,6 +86,9 @@ class UntypedCodec:
                         out = list(items)
                     out[i] = new
             return items if out is None else out
+        if kind is datetime.datetime:
+            text: str = value.isoformat()  # type: ignore[attr-defined]
+            return msgspec.msgpack.Ext(_DATETIME, text.encode())
         if kind is tuple:
             inner = [self._prepare(item) for item in value]  # type: ignore[attr-defined]
             return msgspec.msgpack.Ext(_TUPLE, self._encoder.encode(inner))

@@ -40,6 +40,7 @@ from .backends._base import Backend, Receipt, Stored, Write
 __all__ = ["Engine"]
 
 _LOAD_BATCH: Final = 1000
+_EVICT_STEPS: Final = 64
 _NOTHING: Final[frozenset[type]] = frozenset()
 _EXPECTED: Final = (Timeout, SerializationError, TooLarge, Rejected)
 
@@ -440,10 +441,17 @@ class Engine:
         task = asyncio.ensure_future(coro)
         # A caller that gives up (timeout or cancellation) stops the handler as well.
         call.future.add_done_callback(lambda _: task.cancel())
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = None if timeout is None else self.clock.call_later(timeout, expire)
         try:
-            await asyncio.wait({task}, timeout=timeout)
-            if not task.done():
-                task.cancel()
+            await asyncio.wait({task})
+            if expired:
                 raise Timeout(f"the handler ran longer than {timeout} s; it was cancelled")
             if task.cancelled():
                 raise Timeout("the call was withdrawn while its handler ran")
@@ -455,6 +463,9 @@ class Engine:
             call.result = exc
         except Exception as exc:
             call.result = _failed(resident.info, exc)
+        finally:
+            if timer is not None:
+                timer.cancel()
         resident.busy = False
         if generation != resident.generation:
             # The state it ran on was undone meanwhile (a lost write): run it again.
@@ -476,11 +487,15 @@ class Engine:
         resident.pending = None
         # Recount from what is still queued or committing: the failed calls are all answered.
         resident.queued = len(resident.mailbox or ()) + len(resident.inflight or ())
+        # The tip goes back to the last state committed or in flight (never behind it).
         resident.tip_version, resident.tip_data, resident.tip_obj = (
             resident.version,
             resident.data,
             None,
         )
+        for call in resident.inflight or ():
+            if call.version is not None and call.data is not None:
+                resident.tip_version, resident.tip_data = call.version, call.data
 
     def _send(self, writes: list[Write], owners: list[Resident]) -> None:
         assert self._loop is not None
@@ -503,10 +518,11 @@ class Engine:
                 self._lost(resident, exc, reload=False)
             return
         except Exception as exc:
-            error = Unavailable(f"the backend failed: {exc!r}")
-            error.__cause__ = exc
+            # Not one of ours: nobody can say whether it committed.
+            doubt = Indeterminate(f"the backend failed during a commit: {exc!r}")
+            doubt.__cause__ = exc
             for resident in owners:
-                self._lost(resident, error, reload=True)
+                self._lost(resident, doubt, reload=True)
             return
         now = self.clock.monotonic()
         channels = self.channels
@@ -615,11 +631,15 @@ class Engine:
     # ------------------------------------------------------------------ passivation
 
     def _evict_over_limit(self) -> None:
-        """Passivate idle entities, least recently used first (CLOCK), until under the limit."""
+        """Passivate idle entities, least recently used first (CLOCK), until under the limit.
+
+        The hand moves at most `_EVICT_STEPS` places per new resident, so a burst of busy
+        entities (which cannot leave) costs O(1) per call; the limit is then exceeded until they
+        are idle, by at most the number of entities with calls in progress.
+        """
         excess = len(self.residents) - self.options.max_resident
         order, residents = self.order, self.residents
-        # At most two turns of the hand: the first clears every `hot`, the second finds the idle.
-        for _ in range(2 * len(order)):
+        for _ in range(min(_EVICT_STEPS, len(order))):
             if excess <= 0:
                 break
             resident = order.popleft()

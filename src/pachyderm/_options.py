@@ -17,14 +17,14 @@ class WorldOptions:
 
     Attributes:
         mailbox_size: calls accepted per entity and not yet answered; one more gets ``Overloaded``.
-        activation_timeout: seconds one handler run may take (``None``: no bound). An ``async``
-            handler is cancelled at the bound; a plain one cannot be interrupted, so its result is
-            discarded if it ran longer.
+        activation_timeout: seconds one ``async def`` handler run may take (``None``: no bound);
+            it is cancelled at the bound. A plain handler cannot be interrupted and is not timed.
         call_timeout: default ``timeout`` of ``activate`` (``None``: wait as long as it takes).
         max_state_bytes: the largest encoded state accepted (``TooLarge`` beyond).
         idle_after: seconds after which an entity with nothing to do leaves memory.
         max_resident: the most entities held in memory; beyond it the least recently used idle
-            ones leave first.
+            ones leave first (entities with calls in progress cannot leave: a burst of more
+            busy entities than this exceeds it until they are idle).
         follower_buffer: versions buffered per follower; a slower follower skips ahead.
         receipt_ttl: seconds an idempotency key is remembered after its commit.
         turn_budget: messages one entity may run before others get their turn (fairness).

@@ -71,6 +71,7 @@ class World:
         self._serving = False  # open and not closed: the one flag the hot path reads
         self._types = {info.cls: info for info in self._registry}
         self._mailbox_size = self.options.mailbox_size
+        self._clock = self._engine.clock
         self._residents = self._engine.residents
         self._ready = self._engine.ready
         self._call_timeout = self.options.call_timeout
@@ -213,7 +214,7 @@ class World:
                 except asyncio.CancelledError:
                     engine.withdraw(resident, call)
                     raise
-        handle = loop.call_later(timeout, engine.expire, resident, call)
+        handle = self._clock.call_later(timeout, engine.expire, resident, call)
         try:
             return await future
         except asyncio.CancelledError:
@@ -243,8 +244,9 @@ class World:
 
         Args:
             ref: ``(EntityType, key)``; checked now, before any I/O.
-            since: start after this version: the next committed version is the first item
-                (versions between ``since`` and the current one are not kept: the current one is
+            since: start after this version: if it is the current version, the next committed
+                one is the first item; otherwise (versions between are not kept, or ``since`` is
+                beyond what is stored) the current one is
                 given instead).
             versions: yield ``(version, state)`` pairs instead of states.
 
@@ -339,10 +341,12 @@ class World:
         resident = await self._engine.loaded(info, ref[1])
         # No await from here on: the snapshot and the registration are one atomic step.
         channel = Channel(self.options.follower_buffer)
-        if since is None or since < resident.version:
-            channel.push(resident.version, resident.data)
+        if since == resident.version:
+            channel.last = since  # up to date: the next item is the next commit
         else:
-            channel.last = since
+            # Older (the versions between are not kept) or newer than stored (the storage was
+            # replaced): the current state, so the follower is never stuck or silent.
+            channel.push(resident.version, resident.data)
         self._engine.channels.setdefault(ref, set()).add(channel)
         return channel, info.codec.decode
 

@@ -7,45 +7,12 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, unquote, urlsplit
-
-from .._errors import InvalidOptions
 from ._base import Backend as Backend
 from ._base import Receipt as Receipt
 from ._base import Stored as Stored
 from ._base import Write as Write
 from ._memory import Memory as Memory
 from ._sqlite import SQLite as SQLite
+from ._url import open as open
 
 __all__ = ["Backend", "Memory", "Receipt", "SQLite", "Stored", "Write", "open"]
-
-
-def open(url: str) -> Backend:
-    """Return the backend a URL names.
-
-    ``memory://``; ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, with an
-    optional ``?synchronous=NORMAL``.
-
-    Raises:
-        InvalidOptions: the URL's scheme or options are not known.
-    """
-    if not isinstance(url, str):
-        raise InvalidOptions(f"a backend URL is a str; got {type(url).__qualname__}")
-    parts = urlsplit(url)
-    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    if parts.scheme == "memory":
-        if options:
-            raise InvalidOptions(f"memory:// takes no options; got {sorted(options)}")
-        return Memory()
-    if parts.scheme == "sqlite":
-        path = unquote(parts.path)
-        if parts.netloc:
-            raise InvalidOptions("write sqlite:///relative.db or sqlite:////absolute.db")
-        path = path[1:] if path.startswith("/") else path
-        if not path:
-            raise InvalidOptions("sqlite:// needs a path: sqlite:///app.db")
-        synchronous = options.pop("synchronous", "FULL")
-        if options:
-            raise InvalidOptions(f"unknown sqlite:// options: {sorted(options)}")
-        return SQLite(path, synchronous=synchronous)
-    raise InvalidOptions(f"unknown backend URL scheme {parts.scheme!r} in {url!r}")
