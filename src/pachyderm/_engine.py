@@ -204,7 +204,8 @@ class Engine:
                 version, data = row.version, self._upgrade(resident, row)
             else:
                 version, data = row.version, row.data
-                info.codec.decode(data)  # refuse bytes that do not fit the declared type now
+                if info.codec is not UNTYPED:
+                    info.codec.decode(data)  # refuse bytes that do not fit the declared type now
         except PachydermError as exc:
             version, data = (0 if row is None else row.version), b""
             resident.error = exc

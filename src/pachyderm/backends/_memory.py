@@ -18,9 +18,10 @@ class _Space:
     __slots__ = ("receipts", "rows", "sorted")
 
     def __init__(self) -> None:
-        # type name -> key -> the write that made the row. Keeping the committed `Write` itself
-        # allocates nothing per commit; a `Stored` is made only when a row is loaded.
-        self.rows: dict[str, dict[str, Write]] = {}
+        # type name -> key -> (version, type_version, data). A tuple of ints and bytes is one the
+        # garbage collector stops tracking, so a million rows cost it nothing; a `Stored` is made
+        # only when a row is loaded.
+        self.rows: dict[str, dict[str, tuple[int, int, bytes]]] = {}
         # type name -> keys sorted, rebuilt on the first listing after a new key (inserting into a
         # sorted list would make creating n entities cost O(n^2)).
         self.sorted: dict[str, list[str]] = {}
@@ -67,8 +68,8 @@ class Memory(Backend):
         rows = self._open_space().rows
         out: list[Stored | None] = []
         for type_name, key in refs:
-            w = rows.get(type_name, {}).get(key)
-            out.append(None if w is None else Stored(w.version, w.type_version, w.data))
+            row = rows.get(type_name, {}).get(key)
+            out.append(None if row is None else Stored(*row))
         return out
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
@@ -80,12 +81,12 @@ class Memory(Backend):
             if table is None:
                 table = rows[w.type_name] = {}
             row = table.get(w.key)
-            if (0 if row is None else row.version) != w.expected:
+            if (0 if row is None else row[0]) != w.expected:
                 out.append(False)
                 continue
             if row is None:
                 space.sorted.pop(w.type_name, None)
-            table[w.key] = w
+            table[w.key] = (w.version, w.type_version, w.data)
             if w.receipts:
                 for r in w.receipts:
                     space.receipts[(w.type_name, w.key, r.id)] = r
