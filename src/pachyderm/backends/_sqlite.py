@@ -1,10 +1,8 @@
 """The SQLite backend: one machine, durable, stdlib ``sqlite3`` only.
 
-How it works:
-
-Modules: this one (the public class and the open/close of a session), ``_sqlite_schema`` (the
-file lock, the tables, connections), ``_sqlite_jobs`` (jobs, channels and the loop both threads
-run), ``_sqlite_writer`` (group commit) and ``_sqlite_reader`` (reads).
+How it works (this module: the public class, and a session's start and stop; ``_sqlite_schema``:
+the file lock, the tables and the connections; ``_sqlite_jobs``: jobs, channels and the loop both
+threads run; ``_sqlite_writer``: group commit; ``_sqlite_reader``: reads):
 
 - **One file per process.** ``open`` takes an exclusive ``flock`` on a sidecar file
   ``<path>.lock`` (holding the owner's pid). A second process, or a second open of the same file in

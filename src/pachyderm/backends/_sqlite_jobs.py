@@ -153,7 +153,7 @@ class Channel:
 class Worker(abc.ABC):
     """A thread with one connection of its own, running the jobs of one channel until a stop.
 
-    Every job is answered exactly once: run, refused (queued after a stop) or failed (a bug).
+    Every job it takes is answered once: run, refused (queued after a stop) or failed (a bug).
     Subclasses say how to connect, how to run a drain's jobs, and what to release at the end.
 
     Mutable state: ``thread`` (set on the loop by ``start``); the connection lives in the
