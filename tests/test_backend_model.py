@@ -32,21 +32,6 @@ from pachyderm.backends import Backend, Memory, Receipt, SQLite, Write
 T = TypeVar("T")
 
 
-def _sqlite_is_placeholder() -> bool:
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            probe = SQLite(str(Path(folder) / "probe.db"))
-        except NotImplementedError:
-            return True
-        asyncio.run(probe.aclose())
-    return False
-
-
-sqlite_pending = pytest.mark.skipif(
-    _sqlite_is_placeholder(),
-    reason="SQLite(...) raises NotImplementedError: the SQLite backend is not written yet",
-)
-
 TYPES = ["model.T", "model.T.x"]
 KEYS = ["a", "ab", "abc", "b", "a_b", "\u00e9", "\u65e5\u672c", "\U0001f418"]
 PREFIXES = ["", "a", "ab", "A", "a_", "\u65e5", "\U0001f418", "z"]
@@ -217,7 +202,6 @@ async def _wrap(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-@sqlite_pending
 def test_sqlite_behaves_like_memory() -> None:
     run_state_machine_as_test(
         BackendModel,

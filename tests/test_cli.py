@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,21 +27,6 @@ await activate(counter, "increment")
 flush()
 """
 PRINTED = ["1", "2", "2", "3", "((Counter, 'my_counter'), 3)"]
-
-
-def _sqlite_is_written() -> bool:
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            pachyderm.backends.SQLite(os.path.join(folder, "probe.db"))
-        except NotImplementedError:
-            return False
-    return True
-
-
-needs_sqlite = pytest.mark.skipif(
-    not _sqlite_is_written(),
-    reason="backends.SQLite is still the placeholder (it raises NotImplementedError)",
-)
 
 
 def run(
@@ -85,7 +69,6 @@ def test_shell_runs_the_readme_transcript_in_memory(tmp_path: Path) -> None:
     assert not (tmp_path / "pachyderm.db").exists()
 
 
-@needs_sqlite
 def test_shell_on_the_default_sqlite_file_survives_a_restart(tmp_path: Path) -> None:
     first = run("shell", COUNTER, cwd=tmp_path, stdin=TRANSCRIPT)
     assert first.returncode == 0, first.stderr
@@ -110,7 +93,6 @@ def test_shell_shows_errors_and_goes_on(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- terminal commands
 
 
-@needs_sqlite
 def test_activate_read_list_round_trip(tmp_path: Path) -> None:
     def ok(*args: str) -> str:
         result = run(*args, cwd=tmp_path)
@@ -196,7 +178,6 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> N
 # ---------------------------------------------------------------------- the example
 
 
-@needs_sqlite
 def test_the_counter_example_runs(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, COUNTER], cwd=tmp_path, capture_output=True, text=True, timeout=30
