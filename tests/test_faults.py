@@ -126,3 +126,21 @@ async def test_load_failure_fails_waiting_calls_then_recovers() -> None:
         )
         assert all(isinstance(r, pachyderm.Unavailable) for r in results)
         assert await w.activate((Counter, "x"), 1) == 1
+
+
+async def test_idempotent_retry_racing_the_first_commit_runs_once() -> None:
+    """The retry's receipt look-up overlaps the first call's commit: still one run."""
+
+    class SlowReceipts(backends.Memory):
+        async def receipt(self, type_name: str, key: str, id: str) -> Any:
+            found = await super().receipt(type_name, key, id)  # read before the commit lands
+            await asyncio.sleep(0.02)
+            return found
+
+    async with pachyderm.World(SlowReceipts(), entities=ALL) as w:
+        ref = (Counter, "race")
+        first = asyncio.ensure_future(w.activate(ref, 1, idempotency_key="once"))
+        await asyncio.sleep(0.005)  # the first is committed and answered while the retry looks
+        second = asyncio.ensure_future(w.activate(ref, 1, idempotency_key="once"))
+        assert await asyncio.gather(first, second) == [1, 1]
+        assert await w.read(ref) == 1

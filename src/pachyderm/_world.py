@@ -37,9 +37,9 @@ class World:
         InvalidOptions: a bad name or option. UnknownEntityType: a bad entity type.
     """
 
-    # Mutable state, all touched only on the event loop: `_residents` (LRU order), `_ready`
-    # (entities with work for the runner), `_to_load`, `_channels` (followers by entity),
-    # `_commits` (commit tasks in flight), `_stats`, and the lifecycle flags.
+    # Mutable state, touched only on the event loop: the lifecycle flags (`_open`, `_closed`,
+    # `_serving`), and through `_engine` its residents, ready queue and followers (see Engine);
+    # `_residents` and `_ready` are the engine's own objects, held here for the hot path.
 
     def __init__(
         self,
@@ -322,16 +322,19 @@ class World:
                     if running.cancelled():
                         continue  # the other caller gave up, not us
                     raise
+            seen = (resident, None if resident is None else resident.version)
             receipt = await self.backend.receipt(info.name, key, idempotency_key)
             if receipt is not None:
                 return True, info.codec.decode(receipt.result)
             resident = self._engine.residents.get((info.name, key))
+            if seen != (resident, None if resident is None else resident.version):
+                continue  # it committed meanwhile: that commit may carry this key's receipt
             if (
                 resident is None
                 or not resident.idempotent
                 or (idempotency_key not in resident.idempotent)
             ):
-                return False, None
+                return False, None  # no receipt, none running: this call runs it
 
     # ------------------------------------------------------------------ following
 
