@@ -138,14 +138,7 @@ def _report(result: subprocess.CompletedProcess[str]) -> str:
 def test_python_block_runs(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "block.py"
     script.write_text(block.code, encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_environ(),
-    )
+    result = _python(script, cwd=tmp_path)
     assert result.returncode == 0, f"{block.id}: {_report(result)}"
 
 
@@ -168,15 +161,20 @@ def test_pycon_block_matches_the_shell(block: Block) -> None:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_runs(example: Path, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(example)],
-        cwd=tmp_path,
+    result = _python(example, cwd=tmp_path)
+    assert result.returncode == 0, f"{example.name}: {_report(result)}"
+
+
+def _python(script: Path, *, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a Python file as a program, with warnings as errors."""
+    return subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
         env=_environ(),
     )
-    assert result.returncode == 0, f"{example.name}: {_report(result)}"
 
 
 # ---------------------------------------------------------------------- the rules of the docs
