@@ -313,6 +313,9 @@ async def test_unencodable_and_oversized_states(make_backend: MakeBackend) -> No
             await w.activate(ref, "huge")
         with pytest.raises(pachyderm.SerializationError):
             await w.activate((Typed, "t"), "wrong")
+        with pytest.raises(pachyderm.SerializationError):  # an int beyond 64 bits
+            await w.activate((Counter, "big"), 2**70)
+        assert await w.activate((Counter, "big"), 1) == 1
         assert await w.read(ref) == []
         assert await w.activate(ref, "ok") == ["ok"]
 

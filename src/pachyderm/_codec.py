@@ -56,10 +56,12 @@ def _unsupported(value: object) -> SerializationError:
 class UntypedCodec:
     """Builtin values, with tuples kept as tuples."""
 
-    __slots__ = ("_decoder", "_encoder")
+    __slots__ = ("_decoder", "_encoder", "raw_encode")
 
     def __init__(self) -> None:
         self._encoder = msgspec.msgpack.Encoder()
+        #: msgspec's encode itself, for scalars (no tuple inside); OverflowError past 64 bits.
+        self.raw_encode = self._encoder.encode
         self._decoder = msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
 
     def _ext_hook(self, code: int, data: memoryview) -> object:
@@ -113,13 +115,6 @@ class UntypedCodec:
             raise
         except (TypeError, OverflowError, ValueError, RecursionError) as exc:
             raise SerializationError(f"cannot encode value: {exc}") from exc
-
-    def encode_scalar(self, value: object) -> bytes:
-        """Encode a value of a type in ``IMMUTABLE`` (it holds no tuple: no preparation)."""
-        try:
-            return self._encoder.encode(value)
-        except OverflowError as exc:
-            raise SerializationError(f"cannot encode {value!r:.40}: {exc}") from exc
 
     def decode(self, data: bytes) -> Any:
         try:

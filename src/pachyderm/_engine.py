@@ -264,6 +264,7 @@ class Engine:
         max_batch = self.options.max_batch
         budget = self._turn_budget
         run_batch = self._run_batch
+        new_write = Write.__new__
         while True:
             if not ready:
                 self.run_waiter = self._loop.create_future()
@@ -301,17 +302,16 @@ class Engine:
                     continue
                 resident.inflight = pending
                 info = resident.info
-                writes.append(
-                    Write(
-                        info.name,
-                        resident.key,
-                        resident.version,
-                        resident.tip_version,
-                        info.version,
-                        resident.tip_data,
-                        self._receipts(pending) if resident.idempotent else (),
-                    )
-                )
+                # `Write(...)` without the cost of the dataclass's Python __init__ frame.
+                write = new_write(Write)
+                write.type_name = info.name
+                write.key = resident.key
+                write.expected = resident.version
+                write.version = resident.tip_version
+                write.type_version = info.version
+                write.data = resident.tip_data
+                write.receipts = self._receipts(pending) if resident.idempotent else ()
+                writes.append(write)
                 owners.append(resident)
             if writes:
                 self._send(writes, owners)
@@ -338,6 +338,7 @@ class Engine:
             self._refuse_batch(resident, batch)
             return
         decode = info.codec.decode
+        encode_scalar = info.encode_scalar
         cls = info.cls
         key = resident.key
         # The batch list itself becomes the pending list (the common case), unless calls are
@@ -368,7 +369,10 @@ class Engine:
                     break
                 if type(new) in info.shareable:
                     # An immutable scalar: no copy, and none of the codec's preparation.
-                    data = info.encode_scalar(new)
+                    try:
+                        data = encode_scalar(new)
+                    except OverflowError as exc:  # an int beyond 64 bits
+                        raise SerializationError(f"cannot encode {new!r:.40}: {exc}") from exc
                     value = obj = new
                 else:
                     data, value = self._encode(info, new)

@@ -151,7 +151,8 @@ class EntityInfo:
         # Immutable results are shared, not copied, unless a declared type must validate them.
         untyped = self.codec is UNTYPED
         self.shareable: frozenset[type] = IMMUTABLE if untyped else frozenset()
-        self.encode_scalar = UNTYPED.encode_scalar
+        # msgspec's own encoder: for the `shareable` scalars, which need no preparation.
+        self.encode_scalar = UNTYPED.raw_encode
 
     def normalise_key(self, raw: object) -> str:
         if not self.custom_key:
