@@ -41,16 +41,15 @@ __all__ = ["Engine"]
 
 _LOAD_BATCH: Final = 1000
 _EVICT_STEPS: Final = 64
-_NOTHING: Final[frozenset[type]] = frozenset()
 _EXPECTED: Final = (Timeout, SerializationError, TooLarge, Rejected)
 
 
 class Engine:
     """Runs the entities of one world on one backend.
 
-    Mutable state, touched only on the event loop: ``residents`` (LRU order), ``_ready`` (entities
-    with work for the runner), ``_to_load``, ``channels`` (followers by entity), ``commits``
-    (commit tasks in flight), ``stats``.
+    Mutable state, touched only on the event loop: ``residents`` and ``order`` (the CLOCK
+    hand), ``ready`` (entities with work for the runner), ``_to_load``, ``channels`` (followers
+    by entity), ``commits`` (commit tasks in flight), ``stats``.
     """
 
     def __init__(self, backend: Backend, options: WorldOptions, clock: Clock) -> None:
@@ -80,9 +79,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Read on every activation: copied out of the options once.
         self._turn_budget = options.turn_budget
-        self._activation_timeout = options.activation_timeout
         self._max_state_bytes = options.max_state_bytes
-        self._monotonic = clock.monotonic
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()

@@ -28,7 +28,8 @@ class WorldOptions:
         follower_buffer: versions buffered per follower; a slower follower skips ahead.
         receipt_ttl: seconds an idempotency key is remembered after its commit.
         turn_budget: messages one entity may run before others get their turn (fairness).
-        max_batch: the most entity writes sent to the backend in one commit.
+        max_batch: the most entities the runner takes in one turn, so the most entity writes
+            sent to the backend in one commit.
     """
 
     mailbox_size: int = 1000
