@@ -4,8 +4,9 @@ Rows are plain slotted dataclasses (not frozen: creating a frozen one costs thre
 and one is made per activation); treat them as immutable.
 
 A backend is small on purpose. It stores, per world, one row per entity (its version, the version
-of its type that wrote it, and its encoded state) and receipts (ids of idempotent calls and, later,
-of applied messages), and it commits batches of *conditional* writes.
+of its type that wrote it, and its encoded state), receipts (ids of idempotent calls) and the
+*outbox* (messages and timers that committed activations produced and that are not applied yet),
+and it commits batches of *conditional* writes.
 
 Written for implementors: the memory backend (``_memory.py``) is the reference and the shortest;
 ``pachyderm.testing.check_backend`` is the contract every backend must pass.
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-__all__ = ["Backend", "Receipt", "Stored", "Write"]
+__all__ = ["Backend", "Consume", "Envelope", "EnvelopeId", "Outbox", "Receipt", "Stored", "Write"]
 
 
 @dataclass(slots=True)
@@ -44,12 +45,78 @@ class Receipt:
     at: float
 
 
+#: An outbox row's id: ``(sender_type, sender_key, sender_version, index)``. The sender's version
+#: and the effect's index in its activation make it unique forever (a version commits once).
+EnvelopeId = tuple[str, str, int, int]
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One outbox row: a message to deliver, at once (``due == 0.0``) or at a wall-clock time.
+
+    ``name`` (timers only) is unique per sender: storing a row with the name of a stored row of
+    the same sender replaces it. Rows are ordered by ``key()``: due time, then sender, then the
+    sender's version and index, so the messages of one sender come out in the order it sent them.
+    """
+
+    sender_type: str
+    sender_key: str
+    version: int
+    index: int
+    to_type: str
+    to_key: str
+    due: float
+    name: str | None
+    data: bytes
+
+    @property
+    def id(self) -> EnvelopeId:
+        return (self.sender_type, self.sender_key, self.version, self.index)
+
+    def key(self) -> tuple[float, str, str, int, int]:
+        """The row's place in the outbox order (what ``Backend.due`` pages by)."""
+        return (self.due, self.sender_type, self.sender_key, self.version, self.index)
+
+
+@dataclass(slots=True)
+class Consume:
+    """A delivered outbox row that a write applies: it is deleted, or kept as a dead letter.
+
+    ``dead`` is ``None`` when the message was applied, else why its handler failed: the row
+    is then kept, marked dead (never delivered again, counted in ``statistics()``).
+    ``timer`` says which counter the row belongs to (``due != 0.0``).
+    """
+
+    id: EnvelopeId
+    dead: str | None = None
+    timer: bool = False
+
+
+@dataclass(slots=True)
+class Outbox:
+    """What a write does to the outbox, in this order, in the write's transaction.
+
+    1. ``consumes``: a condition, like ``expected``: every row must still be stored and not dead,
+       else the whole write loses. That is how a message is applied at most once: the row is the
+       token, and the receiver's commit takes it.
+    2. ``cancels``: delete the writer's own timers with these names (if any).
+    3. ``sends``: store these rows (a named one first deletes the sender's row of that name).
+    """
+
+    sends: tuple[Envelope, ...] = ()
+    cancels: tuple[str, ...] = ()
+    consumes: tuple[Consume, ...] = ()
+
+
 @dataclass(slots=True)
 class Write:
     """One conditional write: applied only if the stored version is still ``expected``.
 
     ``expected`` is 0 for an entity never stored. ``version`` > ``expected``: one write may carry
-    several coalesced activations. ``receipts`` are stored in the same transaction, or not at all.
+    several coalesced activations; ``version == expected`` leaves the entity's row as it is (and
+    stores none for ``expected == 0``) but is still conditional on it, for a write that only
+    consumes outbox rows. ``receipts`` and ``outbox`` are applied in the same transaction, or not
+    at all.
     """
 
     type_name: str
@@ -59,6 +126,7 @@ class Write:
     type_version: int
     data: bytes
     receipts: tuple[Receipt, ...] = ()
+    outbox: Outbox | None = None
 
 
 class Backend(abc.ABC):
@@ -122,6 +190,32 @@ class Backend(abc.ABC):
         """Return up to ``limit`` stored keys of a type, in ascending code point order.
 
         Only keys starting with ``prefix`` and greater than ``after`` (when given).
+        """
+
+    @abc.abstractmethod
+    async def due(
+        self,
+        until: float,
+        *,
+        after: tuple[float, str, str, int, int] | None = None,
+        limit: int = 1000,
+    ) -> list[Envelope]:
+        """Return up to ``limit`` outbox rows, not dead, with ``due <= until``, in ``key()`` order.
+
+        Only rows whose ``key()`` is greater than ``after`` (when given): the key of the last row
+        of the previous page. Rows committed while paging may or may not appear.
+        """
+
+    @abc.abstractmethod
+    async def exists(self, ids: Sequence[EnvelopeId]) -> list[bool]:
+        """For each id, whether that outbox row is stored and not dead (committed data only)."""
+
+    @abc.abstractmethod
+    def outbox_counts(self) -> dict[str, int]:
+        """Rows in the outbox now: ``{"messages": ..., "timers": ..., "dead": ...}``.
+
+        ``messages`` and ``timers`` count rows waiting to be applied (``due == 0.0`` or not);
+        ``dead``, dead letters. Answered from memory (no I/O); exact after every commit.
         """
 
     def statistics(self) -> dict[str, object]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from .._errors import InvalidOptions, Unavailable
-from ._base import Backend, Receipt, Stored, Write
+from ._base import Backend, Envelope, EnvelopeId, Receipt, Stored, Write
 
 __all__ = ["Memory"]
 
@@ -15,7 +15,7 @@ __all__ = ["Memory"]
 class _Space:
     """One world's data. Mutable state: all of it, changed only by `Memory` methods."""
 
-    __slots__ = ("receipts", "rows", "sorted")
+    __slots__ = ("counts", "dead", "names", "outbox", "receipts", "rows", "snapshot", "sorted")
 
     def __init__(self) -> None:
         # type name -> key -> (version, type_version, data). A tuple of ints and bytes is one the
@@ -26,6 +26,32 @@ class _Space:
         # sorted list would make creating n entities cost O(n^2)).
         self.sorted: dict[str, list[str]] = {}
         self.receipts: dict[tuple[str, str, str], Receipt] = {}
+        # The outbox: rows waiting (by id), dead letters (id -> (row, why)), named timers.
+        self.outbox: dict[EnvelopeId, Envelope] = {}
+        self.dead: dict[EnvelopeId, tuple[Envelope, str]] = {}
+        self.names: dict[tuple[str, str, str], EnvelopeId] = {}
+        self.counts = {"messages": 0, "timers": 0, "dead": 0}
+        # The rows of the last `due` scan, sorted, so that its next pages cost O(page).
+        self.snapshot: tuple[float, list[Envelope]] | None = None
+
+    def take(self, id: EnvelopeId) -> Envelope | None:
+        """Remove a waiting row (and its name); return it, or None if it is not waiting."""
+        row = self.outbox.pop(id, None)
+        if row is not None:
+            self.counts["timers" if row.due else "messages"] -= 1
+            if row.name is not None:
+                self.names.pop((row.sender_type, row.sender_key, row.name), None)
+        return row
+
+    def put(self, row: Envelope) -> None:
+        if row.name is not None:
+            name = (row.sender_type, row.sender_key, row.name)
+            old = self.names.get(name)
+            if old is not None:
+                self.take(old)
+            self.names[name] = row.id
+        self.outbox[row.id] = row
+        self.counts["timers" if row.due else "messages"] += 1
 
     def sorted_keys(self, type_name: str) -> list[str]:
         keys = self.sorted.get(type_name)
@@ -84,9 +110,26 @@ class Memory(Backend):
             if (0 if row is None else row[0]) != w.expected:
                 out.append(False)
                 continue
-            if row is None:
-                space.sorted.pop(w.type_name, None)
-            table[w.key] = (w.version, w.type_version, w.data)
+            outbox = w.outbox
+            if outbox is not None and any(c.id not in space.outbox for c in outbox.consumes):
+                out.append(False)  # a message it applies is gone: applied or cancelled already
+                continue
+            if w.version != w.expected:
+                if row is None:
+                    space.sorted.pop(w.type_name, None)
+                table[w.key] = (w.version, w.type_version, w.data)
+            if outbox is not None:
+                for c in outbox.consumes:
+                    taken = space.take(c.id)
+                    if c.dead is not None and taken is not None:
+                        space.dead[c.id] = (taken, c.dead)
+                        space.counts["dead"] += 1
+                for name in outbox.cancels:
+                    id = space.names.get((w.type_name, w.key, name))
+                    if id is not None:
+                        space.take(id)
+                for envelope in outbox.sends:
+                    space.put(envelope)
             if w.receipts:
                 for r in w.receipts:
                     space.receipts[(w.type_name, w.key, r.id)] = r
@@ -104,6 +147,42 @@ class Memory(Backend):
         for k in old:
             del receipts[k]
         return len(old)
+
+    async def due(
+        self,
+        until: float,
+        *,
+        after: tuple[float, str, str, int, int] | None = None,
+        limit: int = 1000,
+    ) -> list[Envelope]:
+        space = self._open_space()
+        snapshot = space.snapshot
+        if after is None or snapshot is None or snapshot[0] != until:
+            # A new scan: sort what is due once; its next pages bisect into it.
+            rows = sorted(
+                (r for r in space.outbox.values() if r.due <= until), key=Envelope.key
+            )
+            snapshot = space.snapshot = (until, rows)
+        rows = snapshot[1]
+        i = 0 if after is None else bisect.bisect_right(rows, after, key=Envelope.key)
+        out: list[Envelope] = []
+        live = space.outbox
+        while i < len(rows) and len(out) < limit:
+            row = rows[i]
+            if live.get(row.id) is row:  # skip rows applied or replaced since the scan began
+                out.append(row)
+            i += 1
+        if i >= len(rows):
+            space.snapshot = None
+        return out
+
+    async def exists(self, ids: Sequence[EnvelopeId]) -> list[bool]:
+        live = self._open_space().outbox
+        return [id in live for id in ids]
+
+    def outbox_counts(self) -> dict[str, int]:
+        space = self._space
+        return {"messages": 0, "timers": 0, "dead": 0} if space is None else dict(space.counts)
 
     async def list_keys(
         self, type_name: str, *, prefix: str = "", after: str | None = None, limit: int = 1000
@@ -125,4 +204,5 @@ class Memory(Backend):
             "commits": self._commits,
             "writes": self._writes,
             "entities": 0 if space is None else sum(len(t) for t in space.rows.values()),
+            "outbox": self.outbox_counts(),
         }
