@@ -144,3 +144,34 @@ async def test_idempotent_retry_racing_the_first_commit_runs_once() -> None:
         second = asyncio.ensure_future(w.activate(ref, 1, idempotency_key="once"))
         assert await asyncio.gather(first, second) == [1, 1]
         assert await w.read(ref) == 1
+
+
+async def test_a_cancelled_idempotent_call_does_not_block_its_retry() -> None:
+    """A caller cancelled while its keyed call waits: a retry with the key runs it (no spin)."""
+    gate = asyncio.Event()
+
+    class Slow(pachyderm.Entity):
+        name = "tests.faults.Slow"
+
+        def init(self) -> int:
+            return 0
+
+        async def activate(self, message: Any, state: int) -> int:
+            if message == "wait":
+                await gate.wait()
+            return state + 1
+
+    async with pachyderm.World(backends.Memory(), entities=[Slow]) as w:
+        ref = (Slow, "s")
+        blocker = asyncio.create_task(w.activate(ref, "wait"))
+        await asyncio.sleep(0.01)
+        first = asyncio.create_task(w.activate(ref, "x", idempotency_key="k"))
+        await asyncio.sleep(0.01)
+        first.cancel()  # withdrawn from the mailbox: it never runs
+        await asyncio.gather(first, return_exceptions=True)
+        retry = asyncio.create_task(w.activate(ref, "x", idempotency_key="k"))
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert await asyncio.wait_for(blocker, 5) == 1
+        assert await asyncio.wait_for(retry, 5) == 2
+        assert await w.activate(ref, "x", idempotency_key="k") == 2  # from the receipt

@@ -13,11 +13,22 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pachyderm import Indeterminate, InvalidOptions, StorageLocked, TooLarge, Unavailable
-from pachyderm.backends import Backend, Memory, Receipt, SQLite, Stored, Write
+from pachyderm.backends import (
+    Backend,
+    Consume,
+    Envelope,
+    Memory,
+    Outbox,
+    Receipt,
+    SQLite,
+    Stored,
+    Write,
+)
 
 CHILD = str(Path(__file__).with_name("_sqlite_child.py"))
 
@@ -203,6 +214,187 @@ async def test_one_group_with_an_insert_then_an_update_of_the_same_entity(db: Pa
         assert b.statistics()["transactions"] == 2
 
 
+# -- the outbox -------------------------------------------------------------------------------
+
+KEYS = "abcd"
+NAMES = ["t1", "t2"]
+
+
+class OutboxCalls:
+    """Random commit calls with outboxes, aimed so that groups interleave on rows and names.
+
+    ``careful``: aim right (expected versions, rows not taken yet), so that most groups take
+    the writer's fast path; else many writes lose. Mutable state: ``versions`` (per key, as the
+    reference left them), ``rows`` (rows to consume), ``ids`` (every id ever named), changed by
+    ``group`` and ``same``.
+    """
+
+    def __init__(self, rng: random.Random, *, careful: bool) -> None:
+        self.rng = rng
+        self.careful = careful
+        self.versions: dict[str, int] = {}
+        self.rows: list[Envelope] = []
+        self.ids: list[tuple[str, str, int, int]] = []
+
+    def group(self) -> list[list[Write]]:
+        """Commit calls to run concurrently; later ones often build on earlier ones."""
+        rng = self.rng
+        projected = dict(self.versions)  # as if every write of the group so far won
+        self.taken: set[tuple[str, str, int, int]] = set()
+        calls = []
+        for _ in range(rng.randint(1, 8)):
+            writes = []
+            for key in rng.sample(KEYS, rng.randint(1, 3)):
+                writes.append(self.write(key, projected))
+            calls.append(writes)
+        return calls
+
+    def write(self, key: str, projected: dict[str, int]) -> Write:
+        rng, careful = self.rng, self.careful
+        expected = projected.get(key, 0)
+        if not careful:
+            expected = rng.choice([expected] * 4 + [self.versions.get(key, 0), rng.randint(0, 6)])
+        check = rng.random() < (0.05 if careful else 0.3)  # version == expected: no sends
+        version = expected if check else expected + rng.randint(1, 2)
+        projected[key] = version
+        consumes = []
+        rows = [row for row in self.rows if row.id not in self.taken] if careful else self.rows
+        for row in rng.sample(rows, min(len(rows), rng.choice([0, 0, 1, 1, 2, 3]))):
+            consumes.append(Consume(row.id, rng.choice([None, None, None, "dead"]), bool(row.due)))
+            self.taken.add(row.id)
+        if not careful and rng.random() < 0.1:
+            consumes.append(Consume(("T", key, 99, rng.randint(0, 9))))  # never sent
+        if not careful and consumes and rng.random() < 0.05:
+            consumes.append(consumes[0])  # named twice: the write loses
+        cancels = tuple(rng.sample(NAMES, rng.choice([0, 0, 0, 1, 2])))
+        sends = []
+        if not check:
+            for index in range(rng.choice([0, 1, 1, 2, 3])):
+                # The same id has the same due, in every write that sends it (winning or not):
+                # what `Consume.timer` says must be true of the row.
+                due = [0.0, 0.0, 1.0, 2.0, 3.0][(ord(key) + 3 * version + index) % 5]
+                name = rng.choice([None, *NAMES]) if due else None
+                row = Envelope("T", key, version, index, "T", rng.choice(KEYS), due, name, b"m")
+                sends.append(row)
+        self.rows += sends
+        self.ids += [row.id for row in sends] + [c.id for c in consumes]
+        outbox = Outbox(tuple(sends), cancels, tuple(consumes))
+        return Write("T", key, expected, version, 1, b"%d" % rng.randint(0, 99), (), outbox)
+
+    async def same(self, b: Backend, memory: Backend) -> None:
+        """Both backends hold the same rows, outbox and counts; remember the versions."""
+        refs = [("T", k) for k in KEYS]
+        stored = await memory.load_many(refs)
+        assert await b.load_many(refs) == stored
+        self.versions = {k: row.version for k, row in zip(KEYS, stored, strict=True) if row}
+        assert await b.list_keys("T") == await memory.list_keys("T")
+        waiting = await memory.due(float("inf"))
+        assert await b.due(float("inf")) == waiting
+        assert await b.due(1.5, limit=3) == await memory.due(1.5, limit=3)
+        assert await b.exists(self.ids) == await memory.exists(self.ids)
+        assert b.outbox_counts() == memory.outbox_counts()
+        recent = [] if self.careful else self.rows[-5:]
+        self.rows = [row for row in waiting if self.rng.random() < 0.9] + recent
+
+
+@pytest.mark.parametrize("careful", [False, True], ids=["conflicts", "careful"])
+@pytest.mark.parametrize("seed", range(5))
+async def test_outbox_commits_in_one_group_apply_in_call_order_like_memory(
+    tmp_path: Path, seed: int, careful: bool
+) -> None:
+    # Concurrent commits consuming, cancelling, replacing and sending rows that the calls before
+    # them in the same group sent or took: the answers, the rows, the outbox and its counts must
+    # be those of the reference applying the calls one after the other.
+    rng = random.Random(seed)
+    calls = OutboxCalls(rng, careful=careful)
+    memory = Memory()
+    path = tmp_path / "outbox.db"
+    b = SQLite(path)
+    await memory.open("default")
+    await b.open("default")
+    conflicts = 0.0
+    try:
+        for step in range(60):
+            group = calls.group()
+            expected = [await memory.commit(c) for c in group]
+            assert await asyncio.gather(*(b.commit(c) for c in group)) == expected, step
+            await calls.same(b, memory)
+            if step % 20 == 19:  # counted again from the file
+                conflicts += stat(b, "conflicts")
+                await b.aclose()
+                b = SQLite(path)
+                await b.open("default")
+                await calls.same(b, memory)
+        assert conflicts > 0
+        assert memory.outbox_counts()["dead"] > 0
+    finally:
+        await b.aclose()
+        await memory.aclose()
+
+
+async def test_outbox_order_in_one_group(db: Path) -> None:
+    # Cases where applying a group's outbox changes kind by kind would differ from call order.
+    timer = Envelope("T", "s", 1, 0, "T", "r", 5.0, "t", b"")
+    message = Envelope("T", "s", 1, 1, "T", "r", 0.0, None, b"")
+
+    def out(key: str, expected: int, version: int, **outbox: Any) -> Write:
+        return Write("T", key, expected, version, 1, b"", (), Outbox(**outbox))
+
+    async with opened(SQLite(db)) as b:
+
+        async def group(*calls: Write) -> list[list[bool]]:
+            return list(await asyncio.gather(*(b.commit([c]) for c in calls)))
+
+        assert await b.commit([out("s", 0, 1, sends=(timer, message))]) == [True]
+        # The sender cancels its timer, then a receiver consumes it: the receiver loses.
+        got = await group(
+            out("s", 1, 2, cancels=("t",)),
+            out("r", 0, 0, consumes=(Consume(timer.id, None, True),)),
+        )
+        assert got == [[True], [False]]
+        assert await b.exists([timer.id, message.id]) == [False, True]
+        # The sender sends a timer t, then cancels it: nothing is left of t.
+        again = Envelope("T", "s", 3, 0, "T", "r", 6.0, "t", b"")
+        got = await group(out("s", 2, 3, sends=(again,)), out("s", 3, 4, cancels=("t",)))
+        assert got == [[True], [True]]
+        assert await b.due(float("inf")) == [message]
+        # A receiver consumes a row that the group sent just before: it wins.
+        third = Envelope("T", "s", 5, 0, "T", "r", 0.0, None, b"")
+        got = await group(
+            out("s", 4, 5, sends=(third,)), out("r", 0, 1, consumes=(Consume(third.id),))
+        )
+        assert got == [[True], [True]]
+        # Created, then checked at its version, then updated; a check after the update loses.
+        got = await group(
+            out("n", 0, 1),
+            out("n", 1, 1, consumes=(Consume(message.id),)),
+            out("n", 1, 2),
+            out("n", 1, 1),
+        )
+        assert got == [[True], [True], [True], [False]]
+        assert await b.load_many([("T", "n")]) == [Stored(2, 1, b"")]
+        assert b.outbox_counts() == {"messages": 0, "timers": 0, "dead": 0}
+        assert b.statistics()["outbox"] == b.outbox_counts()
+        assert b.statistics()["transactions"] == 5  # each group was one transaction
+
+
+async def test_outbox_counts_are_counted_at_open_and_zero_while_closed(db: Path) -> None:
+    rows = [Envelope("T", "s", 1, i, "T", "r", float(i % 3), None, b"") for i in range(10)]
+    backend = SQLite(db)
+    assert backend.outbox_counts() == {"messages": 0, "timers": 0, "dead": 0}
+    async with opened(backend) as b:
+        assert await b.commit([Write("T", "s", 0, 1, 1, b"", (), Outbox(sends=tuple(rows)))])
+        dead = Outbox(consumes=(Consume(rows[0].id, "why"), Consume(rows[1].id, "why", True)))
+        assert await b.commit([Write("T", "r", 0, 0, 1, b"", (), dead)]) == [True]
+        assert b.outbox_counts() == {"messages": 3, "timers": 5, "dead": 2}
+    assert backend.outbox_counts() == {"messages": 0, "timers": 0, "dead": 0}
+    async with opened(SQLite(db)) as b:
+        assert b.outbox_counts() == {"messages": 3, "timers": 5, "dead": 2}
+        assert b.statistics()["outbox"] == {"messages": 3, "timers": 5, "dead": 2}
+    async with opened(SQLite(db), "another world") as b:
+        assert b.outbox_counts() == {"messages": 0, "timers": 0, "dead": 0}
+
+
 async def test_worlds_in_one_file_do_not_see_each_other(db: Path) -> None:
     async with opened(SQLite(db), "one") as b:
         assert await b.commit(
@@ -228,12 +420,80 @@ async def test_data_survives_reopening_and_the_schema_is_versioned(db: Path) -> 
         assert await backend.load_many([("T", "a")]) == [Stored(1, 1, b"kept")]
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [
-            (1,)
+            (2,)
         ]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT world, type, key, version FROM entities").fetchall() == [
             ("default", "T", "a", 1)
         ]
+
+
+# The tables of schema version 1 (the release before the outbox), as that release made them.
+SCHEMA_1 = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID",
+    "CREATE TABLE entities ("
+    " world TEXT NOT NULL, type TEXT NOT NULL, key TEXT NOT NULL,"
+    " version INTEGER NOT NULL, type_version INTEGER NOT NULL, state BLOB NOT NULL,"
+    " PRIMARY KEY (world, type, key)) WITHOUT ROWID",
+    "CREATE TABLE receipts ("
+    " world TEXT NOT NULL, type TEXT NOT NULL, key TEXT NOT NULL, id TEXT NOT NULL,"
+    " version INTEGER NOT NULL, result BLOB NOT NULL, at REAL NOT NULL,"
+    " PRIMARY KEY (world, type, key, id)) WITHOUT ROWID",
+    "CREATE INDEX receipts_by_time ON receipts (world, at)",
+    "INSERT INTO meta (key, value) VALUES ('schema_version', 1)",
+    "INSERT INTO entities VALUES ('default', 'T', 'a', 3, 2, x'6f6c64')",
+    "INSERT INTO entities VALUES ('other', 'T', 'b', 1, 1, x'')",
+    "INSERT INTO receipts VALUES ('default', 'T', 'a', 'r', 3, x'6f6b', 1.5)",
+)
+
+
+def _tables(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+
+
+async def test_a_schema_version_1_file_is_migrated_on_open(db: Path) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        for statement in SCHEMA_1:
+            conn.execute(statement)
+        conn.commit()
+    assert "outbox" not in _tables(db)
+    async with opened(SQLite(db)) as b:
+        assert await b.load_many([("T", "a"), ("T", "b")]) == [Stored(3, 2, b"old"), None]
+        assert await b.receipt("T", "a", "r") == Receipt("r", 3, b"ok", 1.5)
+        assert b.outbox_counts() == {"messages": 0, "timers": 0, "dead": 0}
+        assert await b.due(float("inf")) == []
+        send = Envelope("T", "a", 4, 0, "T", "b", 0.0, None, b"m")
+        write = Write("T", "a", 3, 4, 2, b"new", outbox=Outbox(sends=(send,)))
+        assert await b.commit([write]) == [True]
+        assert await b.due(0.0) == [send]
+        assert b.outbox_counts() == {"messages": 1, "timers": 0, "dead": 0}
+    assert {"outbox", "outbox_by_due", "outbox_by_name"} <= _tables(db)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [
+            (2,)
+        ]
+    async with opened(SQLite(db), "other") as b:  # the other world's rows are intact too
+        assert await b.load_many([("T", "b")]) == [Stored(1, 1, b"")]
+    async with opened(SQLite(db)) as b:  # migrated once: opens as version 2, outbox kept
+        assert await b.load_many([("T", "a")]) == [Stored(4, 2, b"new")]
+        assert b.outbox_counts() == {"messages": 1, "timers": 0, "dead": 0}
+
+
+@pytest.mark.parametrize("stored", [3, "2", None])
+async def test_a_newer_or_unknown_schema_version_is_refused_untouched(
+    db: Path, stored: object
+) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        for statement in SCHEMA_1[:4]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (stored,))
+        conn.commit()
+    with pytest.raises(Unavailable, match="schema_version"):
+        await SQLite(db).open("default")
+    assert "outbox" not in _tables(db)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchall() == [(stored,)]
 
 
 async def test_closed_or_reopened_backend(db: Path) -> None:
@@ -501,7 +761,10 @@ def test_acknowledged_commits_survive_sigkill(db: Path) -> None:
         acked[key] = int(version)
         lines += 1
     proc.send_signal(signal.SIGKILL)
-    rest, err = proc.communicate(timeout=30)
+    # Read the rest through `proc.stdout`: `communicate` would read the pipe only, and lose what
+    # `readline` has already buffered.
+    rest = proc.stdout.read()
+    _, err = proc.communicate(timeout=30)
     for line in rest.splitlines():  # printed before the kill, so acknowledged too
         key, version = line.split()
         acked[key] = int(version)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from . import backends as backends
+from ._effects import after as after
+from ._effects import cancel as cancel
+from ._effects import send as send
 from ._entity import MAX_KEY_BYTES as MAX_KEY_BYTES
 from ._entity import Entity as Entity
 from ._entity import Update as Update
@@ -18,8 +21,10 @@ from ._errors import SerializationError as SerializationError
 from ._errors import StorageLocked as StorageLocked
 from ._errors import Timeout as Timeout
 from ._errors import TooLarge as TooLarge
+from ._errors import TooManyEffects as TooManyEffects
 from ._errors import Unavailable as Unavailable
 from ._errors import UnknownEntityType as UnknownEntityType
+from ._worker import Worker as Worker
 from ._world import World as World
 from ._world import WorldOptions as WorldOptions
 
@@ -28,8 +33,12 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Entity",
     "Update",
+    "send",
+    "after",
+    "cancel",
     "World",
     "WorldOptions",
+    "Worker",
     "backends",
     "MAX_KEY_BYTES",
     # errors
@@ -45,6 +54,7 @@ __all__ = [
     "StorageLocked",
     "Timeout",
     "TooLarge",
+    "TooManyEffects",
     "Unavailable",
     "UnknownEntityType",
 ]

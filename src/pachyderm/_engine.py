@@ -18,30 +18,45 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
 
+from . import _faults
 from ._clock import Clock
 from ._codec import UNTYPED, PickleCodec
 from ._core._follow import Channel
 from ._core._resident import LOADING, READY, STALE, Call, Resident
-from ._entity import EntityInfo, Update
+from ._dispatch import Dispatcher
+from ._entity import EntityInfo, Registry, Update
 from ._errors import (
     ActivationFailed,
     IncompatibleVersion,
     Indeterminate,
+    InvalidKey,
+    InvalidOptions,
     PachydermError,
     Rejected,
     SerializationError,
     Timeout,
     TooLarge,
     Unavailable,
+    UnknownEntityType,
 )
 from ._options import WorldOptions
+from ._outbox import effects_of, faults_after_commit, outbox_of
 from .backends._base import Backend, Receipt, Stored, Write
 
 __all__ = ["Engine"]
 
 _LOAD_BATCH: Final = 1000
 _EVICT_STEPS: Final = 64
-_EXPECTED: Final = (Timeout, SerializationError, TooLarge, Rejected)
+# Errors passed to the caller as they are (others from a handler become ActivationFailed).
+_EXPECTED: Final = (
+    Timeout,
+    SerializationError,
+    TooLarge,
+    Rejected,
+    InvalidKey,
+    UnknownEntityType,
+    InvalidOptions,
+)
 
 
 class Engine:
@@ -52,10 +67,13 @@ class Engine:
     by entity), ``commits`` (commit tasks in flight), ``stats``.
     """
 
-    def __init__(self, backend: Backend, options: WorldOptions, clock: Clock) -> None:
+    def __init__(
+        self, backend: Backend, options: WorldOptions, clock: Clock, registry: Registry
+    ) -> None:
         self.backend = backend
         self.options = options
         self.clock = clock
+        self.registry = registry
         self.residents: dict[tuple[str, str], Resident] = {}
         # The CLOCK hand of passivation: every resident once, oldest first. An access only sets
         # `resident.hot` (no reordering on the hot path); the hand gives hot ones a second chance.
@@ -80,10 +98,11 @@ class Engine:
         # Read on every activation: copied out of the options once.
         self._turn_budget = options.turn_budget
         self._max_state_bytes = options.max_state_bytes
+        self.dispatcher = Dispatcher(self)
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
-        for coro in (self._run(), self._load_loop(), self._sweep_loop()):
+        for coro in (self._run(), self._load_loop(), self._sweep_loop(), self.dispatcher.run()):
             self._tasks.append(loop.create_task(coro))
 
     def busy(self) -> bool:
@@ -93,7 +112,12 @@ class Engine:
         return any(not r.quiescent() for r in self.residents.values())
 
     async def stop(self) -> None:
-        """Finish accepted work (bounded by the tasks being alive), then stop the tasks."""
+        """Finish accepted work (bounded by the tasks being alive), then stop the tasks.
+
+        Messages not yet delivered stay in the outbox (storage) for the next start, so that a
+        pair of entities messaging each other forever does not keep the world from closing.
+        """
+        self.dispatcher.stop()
         # Polled, and only at shutdown: an event would cost the hot path a check per answer.
         while self.busy() and not all(t.done() for t in self._tasks):  # noqa: ASYNC110
             await asyncio.sleep(0.001)
@@ -164,16 +188,63 @@ class Engine:
                     self._fail_load(resident, exc)
                 continue
             self.stats["loads"] += len(batch)
+            recheck = [r for r in batch if r.recheck]
+            if recheck:
+                try:
+                    await self._recheck(recheck)
+                except PachydermError as exc:
+                    for resident in batch:
+                        self._fail_load(resident, exc)
+                    continue
             for resident, row in zip(batch, rows, strict=True):
                 self._install(resident, row)
+
+    async def _recheck(self, residents: list[Resident]) -> None:
+        """Drop the deliveries whose outbox row is gone (applied or cancelled meanwhile)."""
+        calls = [
+            (resident, call)
+            for resident in residents
+            for call in resident.mailbox or ()
+            if call.delivery is not None
+        ]
+        for resident in residents:
+            resident.recheck = False
+        if not calls:
+            return
+        alive = await self.backend.exists([c.delivery.id for _, c in calls])  # type: ignore[union-attr]
+        for (resident, call), ok in zip(calls, alive, strict=True):
+            if not ok and resident.mailbox is not None and call in resident.mailbox:
+                resident.mailbox.remove(call)
+                resident.queued -= 1
+                self.dispatcher.forget(resident, [call.delivery.id])  # type: ignore[union-attr]
 
     def _fail_load(self, resident: Resident, exc: BaseException) -> None:
         if self.residents.get(resident.ref) is resident:
             del self.residents[resident.ref]
         calls, resident.mailbox = resident.mailbox or [], None
+        self._return_deliveries(resident, calls)
         for call in calls:
             self._answer(resident, call, exc)
         self._wake_loaded(resident, exc)
+
+    def _return_deliveries(self, resident: Resident, failed: list[Call]) -> None:
+        """Deliveries among ``failed`` could not be applied (not the handler's fault).
+
+        They, and every other delivery this resident holds (so that none overtakes them), go
+        back to the dispatcher, which retries them in order. ``failed`` keeps the others.
+        """
+        if not any(c.delivery is not None for c in failed):
+            return
+        mine = [c for c in failed if c.delivery is not None]
+        failed[:] = [c for c in failed if c.delivery is None]
+        for name in ("pending", "mailbox"):
+            calls = getattr(resident, name)
+            if calls and any(c.delivery is not None for c in calls):
+                mine += [c for c in calls if c.delivery is not None]
+                rest = [c for c in calls if c.delivery is None]
+                setattr(resident, name, rest or None)
+        resident.queued -= len(mine)
+        self.dispatcher.retry(resident, mine)
 
     def _wake_loaded(self, resident: Resident, exc: BaseException | None = None) -> None:
         waiters, resident.loaded = resident.loaded, None
@@ -293,7 +364,12 @@ class Engine:
                     continue  # its write goes when the one in flight is answered
                 pending = resident.pending
                 resident.pending = None
-                if resident.tip_version == resident.version:
+                if resident.fx:
+                    resident.fx = False
+                    outbox = outbox_of(pending)
+                else:
+                    outbox = None
+                if resident.tip_version == resident.version and outbox is None:
                     for call in pending:  # only failures: nothing to commit or wait for
                         self._answer(resident, call, call.result)
                     continue
@@ -308,6 +384,7 @@ class Engine:
                 write.type_version = info.version
                 write.data = resident.tip_data
                 write.receipts = self._receipts(pending) if resident.idempotent else ()
+                write.outbox = outbox
                 writes.append(write)
                 owners.append(resident)
             if writes:
@@ -364,6 +441,11 @@ class Engine:
                     resident.pending = pending
                     self._run_async(resident, call, new, batch[index + 1 :])
                     break
+                if type(new) is Update:
+                    effects = effects_of(self, resident, new.effects, tip + 1)
+                    new = new.state
+                else:
+                    effects = None
                 if type(new) in info.shareable:
                     # An immutable scalar: no copy, and none of the codec's preparation.
                     try:
@@ -381,14 +463,21 @@ class Engine:
                     )
             except _EXPECTED as exc:
                 call.result = exc
+                if call.delivery is not None:
+                    resident.fx = True
             except Exception as exc:
                 call.result = _failed(info, exc)
+                if call.delivery is not None:
+                    resident.fx = True
             else:
                 tip += 1
                 call.version = tip
                 call.data = tip_data = data
                 call.result = value
                 tip_obj = obj
+                if effects is not None or call.delivery is not None:
+                    call.effects = effects
+                    resident.fx = True
             if pending is not None:
                 pending.append(call)
         resident.pending = batch if pending is None else pending
@@ -399,6 +488,8 @@ class Engine:
         pending = resident.pending
         if pending is None:
             pending = resident.pending = []
+        batch = list(batch)
+        self._return_deliveries(resident, batch)
         for call in batch:
             if call.future.done():
                 resident.queued -= 1
@@ -412,13 +503,15 @@ class Engine:
 
         Decoding what was encoded also checks it against a declared ``state_type``.
         """
-        if type(new) is Update:
-            new = _unwrap(info, new)
         data = info.codec.encode(new)
         return data, info.codec.decode(data)
 
     def _result(self, resident: Resident, call: Call, new: Any) -> None:
         """Encode an async handler's result on top of the tip (raises if it cannot be stored)."""
+        effects = None
+        if type(new) is Update:
+            effects = effects_of(self, resident, new.effects, resident.tip_version + 1)
+            new = new.state
         data, call.result = self._encode(resident.info, new)
         if len(data) > self._max_state_bytes:
             raise TooLarge(
@@ -427,6 +520,9 @@ class Engine:
         resident.tip_obj = None
         call.version = resident.tip_version = resident.tip_version + 1
         call.data = resident.tip_data = data
+        if effects is not None or call.delivery is not None:
+            call.effects = effects
+            resident.fx = True
         self.stats["activations"] += 1
 
     def _run_async(self, resident: Resident, call: Call, coro: Any, rest: list[Call]) -> None:
@@ -468,10 +564,12 @@ class Engine:
         finally:
             if timer is not None:
                 timer.cancel()
+        if call.delivery is not None:
+            resident.fx = True
         resident.busy = False
         if generation != resident.generation:
             # The state it ran on was undone meanwhile (a lost write): run it again.
-            call.version = call.data = call.result = None
+            call.version = call.data = call.result = call.effects = None
             resident.mailbox = [call, *(resident.mailbox or [])]
         else:
             if resident.pending is None:
@@ -483,10 +581,14 @@ class Engine:
         """An engine bug hit while running ``batch``: fail its calls, keep the committed state."""
         error = Unavailable(f"internal error while running {resident.info.name}: {exc!r}")
         error.__cause__ = exc
-        for call in [*(resident.pending or ()), *batch]:
+        failed = [*(resident.pending or ()), *batch]
+        resident.pending = None
+        self._return_deliveries(resident, failed)
+        for call in failed:
+            if call.idempotency_key is not None:
+                self._forget(resident, call, error)
             if not call.future.done():
                 call.future.set_exception(error)
-        resident.pending = None
         # Recount from what is still queued or committing: the failed calls are all answered.
         resident.queued = len(resident.mailbox or ()) + len(resident.inflight or ())
         # The tip goes back to the last state committed or in flight (never behind it).
@@ -529,6 +631,10 @@ class Engine:
         now = self.clock.monotonic()
         channels = self.channels
         schedule = self.schedule
+        dispatcher = self.dispatcher
+        held = dispatcher.held
+        if _faults.hook is not None:
+            faults_after_commit(writes, outcome)
         for write, resident, won in zip(writes, owners, outcome, strict=True):
             if not won:
                 self.stats["conflicts"] += 1
@@ -536,16 +642,19 @@ class Engine:
                 continue
             inflight: list[Call] = resident.inflight  # type: ignore[assignment]
             resident.inflight = None
-            resident.version = write.version
-            resident.data = write.data
+            if write.version != write.expected:
+                resident.version = write.version
+                resident.data = write.data
             resident.used = now
+            if write.outbox is not None:
+                dispatcher.committed(resident, write)
             if channels and resident.ref in channels:
                 self._notify(channels[resident.ref], inflight)
             # The output gate opens here, after the commit (an inlined `_answer` per call).
             resident.queued -= len(inflight)
             for call in inflight:
                 if call.idempotency_key is not None:
-                    self._forget(resident, call)
+                    self._forget(resident, call, call.result)
                 future = call.future
                 if not future.done():
                     result = call.result
@@ -556,6 +665,8 @@ class Engine:
                         future.set_result(result)
             if resident.pending or resident.mailbox:
                 schedule(resident)
+            if held and resident.ref in held:
+                dispatcher.flush(resident)
 
     @staticmethod
     def _notify(channels: set[Channel], calls: list[Call]) -> None:
@@ -572,8 +683,11 @@ class Engine:
         """The write lost (or the cache is doubtful): run everything on top of it again."""
         calls = (resident.inflight or []) + (resident.pending or [])
         for call in calls:
-            call.version = call.data = call.result = None
+            call.version = call.data = call.result = call.effects = None
+            if call.delivery is not None:
+                resident.recheck = True
         resident.inflight = resident.pending = None
+        resident.fx = False
         resident.generation += 1
         resident.mailbox = calls + (resident.mailbox or [])
         resident.phase = STALE
@@ -582,6 +696,7 @@ class Engine:
     def _lost(self, resident: Resident, exc: PachydermError, *, reload: bool) -> None:
         """Nothing of the write committed (or we do not know): fail its calls, rerun the rest."""
         inflight, resident.inflight = resident.inflight or [], None
+        self._return_deliveries(resident, inflight)
         for call in inflight:
             self._answer(resident, call, exc)
         if reload or resident.pending:
@@ -593,7 +708,7 @@ class Engine:
     def _answer(self, resident: Resident, call: Call, result: Any) -> None:
         resident.queued -= 1
         if call.idempotency_key is not None:
-            self._forget(resident, call)
+            self._forget(resident, call, result)
         future = call.future
         if future.done():
             return
@@ -603,12 +718,20 @@ class Engine:
         else:
             future.set_result(result)
 
-    def _forget(self, resident: Resident, call: Call) -> None:
-        """The call is answered: a retry with its idempotency key now finds the receipt."""
+    @staticmethod
+    def _forget(resident: Resident, call: Call, result: Any) -> None:
+        """The call is answered: a retry with its idempotency key now finds the receipt.
+
+        Callers waiting with the same key learn the outcome: ``(True, value)`` if it committed,
+        ``(False, error)`` if not (then one of them runs it).
+        """
         idempotent = resident.idempotent
         if idempotent is not None:
-            if idempotent.get(call.idempotency_key) is call.future:  # type: ignore[arg-type]
+            entry = idempotent.get(call.idempotency_key)  # type: ignore[arg-type]
+            if entry is not None and entry[0] is call:
                 del idempotent[call.idempotency_key]  # type: ignore[arg-type]
+                if not entry[1].done():
+                    entry[1].set_result((not isinstance(result, BaseException), result))
             if not idempotent:
                 resident.idempotent = None
 
@@ -629,6 +752,8 @@ class Engine:
         if mailbox is not None and call in mailbox:
             mailbox.remove(call)
             resident.queued -= 1
+            if call.idempotency_key is not None:
+                self._forget(resident, call, Unavailable("the call was withdrawn"))
 
     # ------------------------------------------------------------------ passivation
 
@@ -678,14 +803,6 @@ class Engine:
                 next_prune = now + min(self.options.receipt_ttl / 10, 3600.0)
                 with contextlib.suppress(PachydermError):
                     await self.backend.prune_receipts(self.clock.wall() - self.options.receipt_ttl)
-
-
-def _unwrap(info: EntityInfo, update: Update) -> Any:
-    if update.effects:
-        raise ActivationFailed(
-            f"{info.name}: effects are not supported yet: {update.effects!r:.80}"
-        )
-    return update.state
 
 
 def _failed(info: EntityInfo, exc: Exception, method: str = "activate") -> ActivationFailed:

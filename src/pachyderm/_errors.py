@@ -18,6 +18,7 @@ __all__ = [
     "StorageLocked",
     "Timeout",
     "TooLarge",
+    "TooManyEffects",
     "Unavailable",
     "UnknownEntityType",
 ]
@@ -86,6 +87,10 @@ class Timeout(PachydermError, TimeoutError):
     Nothing was committed for this call (the message was withdrawn or its result discarded);
     the entity stays usable. A retry is safe.
     """
+
+
+class TooManyEffects(TooLarge):
+    """An activation returned more effects than ``max_effects``. Nothing was committed."""
 
 
 class Overloaded(PachydermError):

@@ -30,6 +30,12 @@ class WorldOptions:
         turn_budget: messages one entity may run before others get their turn (fairness).
         max_batch: the most entities the runner takes in one turn, so the most entity writes
             sent to the backend in one commit.
+        max_effects: the most effects (sends, timers, cancels) one activation may return
+            (``TooManyEffects`` beyond).
+        max_message_bytes: the largest encoded message a send or a timer may carry
+            (``TooLarge`` beyond).
+        timer_horizon: seconds of timers held in memory: timers due within it wait in a heap,
+            later ones in storage only, brought in by a scan every half horizon.
     """
 
     mailbox_size: int = 1000
@@ -42,6 +48,9 @@ class WorldOptions:
     receipt_ttl: float = 24 * 3600.0
     turn_budget: int = 128
     max_batch: int = 1000
+    max_effects: int = 100
+    max_message_bytes: int = 256 * 1024
+    timer_horizon: float = 60.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -65,7 +65,12 @@ class World:
         self.name = name
         self.options = WorldOptions.build(options, overrides)
         self._registry = Registry(entities)
-        self._engine = Engine(backend, self.options, clock if clock is not None else SystemClock())
+        self._engine = Engine(
+            backend,
+            self.options,
+            clock if clock is not None else SystemClock(),
+            self._registry,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
         self._closed = False
@@ -96,8 +101,15 @@ class World:
             raise InvalidOptions("a world starts once")
         self._loop = asyncio.get_running_loop()
         await self.backend.open(self.name)
-        self._open = self._serving = True
+        self._open = True
         self._engine.start()
+        try:
+            # Messages committed before a stop or a crash go first (see Dispatcher.recover).
+            await self._engine.dispatcher.recover()
+        except BaseException:
+            await self.aclose()
+            raise
+        self._serving = True
 
     async def aclose(self) -> None:
         """Stop: refuse new calls, finish the accepted ones, end followers, close the backend.
@@ -195,10 +207,11 @@ class World:
         call.future = future
         call.idempotency_key = idempotency_key
         call.version = None
+        call.delivery = call.effects = None
         if idempotency_key is not None:
             if resident.idempotent is None:
                 resident.idempotent = {}
-            resident.idempotent[idempotency_key] = future
+            resident.idempotent[idempotency_key] = (call, loop.create_future())
         mailbox = resident.mailbox
         if mailbox is None:
             resident.mailbox = [call]
@@ -290,13 +303,22 @@ class World:
             after = keys[-1]
 
     def statistics(self) -> dict[str, object]:
-        """Return counters: activations, commits, conflicts, resident entities, followers, ..."""
+        """Return counters: activations, commits, conflicts, resident entities, followers, ...
+
+        ``outbox`` counts the rows in storage: ``messages`` and ``timers`` waiting to be applied,
+        and ``dead`` letters; ``delivered``, ``timers_fired``, ``dead_letters`` and
+        ``redelivered`` count this world's work since it started; ``held`` counts messages
+        waiting in memory for room in their receiver's mailbox.
+        """
         engine = self._engine
         return {
             **engine.stats,
+            **engine.dispatcher.stats,
+            **engine.dispatcher.counts(),
             "resident": len(engine.residents),
             "followers": sum(len(c) for c in engine.channels.values()),
             "commits_in_flight": len(engine.commits),
+            "outbox": self.backend.outbox_counts() if self._open else {},
             "backend": self.backend.statistics(),
         }
 
@@ -313,21 +335,18 @@ class World:
             )
         while True:
             resident = self._engine.residents.get((info.name, key))
-            running = (
+            entry = (
                 None
                 if resident is None or resident.idempotent is None
-                else (resident.idempotent.get(idempotency_key))
+                else resident.idempotent.get(idempotency_key)
             )
-            if running is not None:
-                # The same key is already running here: share its outcome.
-                try:
-                    return True, await asyncio.shield(running)
-                except PachydermError:
-                    continue  # it did not commit: run this one
-                except asyncio.CancelledError:
-                    if running.cancelled():
-                        continue  # the other caller gave up, not us
-                    raise
+            if entry is not None:
+                # The same key is already running here: share its outcome (shielded, so that
+                # our cancellation does not touch it).
+                committed, value = await asyncio.shield(entry[1])
+                if committed:
+                    return True, value
+                continue  # it did not commit (and is forgotten): run this one
             seen = (resident, None if resident is None else resident.version)
             receipt = await self.backend.receipt(info.name, key, idempotency_key)
             if receipt is not None:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from .._entity import EntityInfo
+from ..backends._base import Envelope, EnvelopeId
 
 __all__ = ["LOADING", "READY", "STALE", "Call", "Resident"]
 
@@ -23,7 +24,16 @@ class Call:
     bytes, and ``result`` the reply value or the exception to raise.
     """
 
-    __slots__ = ("data", "future", "idempotency_key", "message", "result", "version")
+    __slots__ = (
+        "data",
+        "delivery",
+        "effects",
+        "future",
+        "idempotency_key",
+        "message",
+        "result",
+        "version",
+    )
 
     def __init__(
         self, message: Any, future: asyncio.Future[Any], idempotency_key: str | None
@@ -32,6 +42,10 @@ class Call:
         self.future = future
         self.idempotency_key = idempotency_key
         self.version: int | None = None
+        # The outbox row this call applies (a message from an entity or a timer), else None.
+        self.delivery: Envelope | None = None
+        # Once run: its effects, in order (outbox rows, and names of timers it cancels).
+        self.effects: list[Envelope | str] | None = None
         # `data` and `result` are set when it runs, before anything reads them.
         self.data: bytes | None
         self.result: Any
@@ -51,7 +65,9 @@ class Resident:
     __slots__ = (
         "busy",
         "data",
+        "deliveries",
         "error",
+        "fx",
         "generation",
         "hot",
         "idempotent",
@@ -63,6 +79,7 @@ class Resident:
         "pending",
         "phase",
         "queued",
+        "recheck",
         "ref",
         "scheduled",
         "tip_data",
@@ -95,14 +112,21 @@ class Resident:
         # Counts undos (lost writes): an async handler's result from an older generation is stale.
         self.generation = 0
         self.queued = 0
+        # Some pending call applies an outbox row or has effects: its write carries an outbox.
+        self.fx = False
+        # Ids of the outbox rows delivered here and not yet applied (a duplicate is dropped).
+        self.deliveries: set[EnvelopeId] | None = None
+        # Calls that apply outbox rows were put back after a lost write: check the rows first.
+        self.recheck = False
         self.error: BaseException | None = None
         self.used = now
         # Used since the passivation hand last passed (a second chance before passivation).
         self.hot = False
         # Futures of callers waiting for this resident to be loaded (for read and follow).
         self.loaded: list[asyncio.Future[None]] | None = None
-        # idempotency key -> the future of the call that carries it, while it is unanswered.
-        self.idempotent: dict[str, asyncio.Future[Any]] | None = None
+        # idempotency key -> the call that carries it, while it is unanswered, and a future
+        # that tells other callers with the same key its outcome, (committed, value or error).
+        self.idempotent: dict[str, tuple[Call, asyncio.Future[tuple[bool, Any]]]] | None = None
 
     def quiescent(self) -> bool:
         """True when nothing is queued, running or committing: it may be passivated."""

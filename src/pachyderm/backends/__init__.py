@@ -8,6 +8,10 @@
 from __future__ import annotations
 
 from ._base import Backend as Backend
+from ._base import Consume as Consume
+from ._base import Envelope as Envelope
+from ._base import EnvelopeId as EnvelopeId
+from ._base import Outbox as Outbox
 from ._base import Receipt as Receipt
 from ._base import Stored as Stored
 from ._base import Write as Write
@@ -15,4 +19,16 @@ from ._memory import Memory as Memory
 from ._sqlite import SQLite as SQLite
 from ._url import open as open
 
-__all__ = ["Backend", "Memory", "Receipt", "SQLite", "Stored", "Write", "open"]
+__all__ = [
+    "Backend",
+    "Consume",
+    "Envelope",
+    "EnvelopeId",
+    "Memory",
+    "Outbox",
+    "Receipt",
+    "SQLite",
+    "Stored",
+    "Write",
+    "open",
+]

@@ -111,9 +111,11 @@ class Memory(Backend):
                 out.append(False)
                 continue
             outbox = w.outbox
-            if outbox is not None and any(c.id not in space.outbox for c in outbox.consumes):
-                out.append(False)  # a message it applies is gone: applied or cancelled already
-                continue
+            if outbox is not None and outbox.consumes:
+                ids = {c.id for c in outbox.consumes}
+                if len(ids) < len(outbox.consumes) or not ids <= space.outbox.keys():
+                    out.append(False)  # a message it applies is gone: applied or cancelled
+                    continue
             if w.version != w.expected:
                 if row is None:
                     space.sorted.pop(w.type_name, None)
@@ -159,9 +161,7 @@ class Memory(Backend):
         snapshot = space.snapshot
         if after is None or snapshot is None or snapshot[0] != until:
             # A new scan: sort what is due once; its next pages bisect into it.
-            rows = sorted(
-                (r for r in space.outbox.values() if r.due <= until), key=Envelope.key
-            )
+            rows = sorted((r for r in space.outbox.values() if r.due <= until), key=Envelope.key)
             snapshot = space.snapshot = (until, rows)
         rows = snapshot[1]
         i = 0 if after is None else bisect.bisect_right(rows, after, key=Envelope.key)

@@ -13,18 +13,32 @@ threads run; ``_sqlite_writer``: group commit; ``_sqlite_reader``: reads):
   transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), in call order, as if one after the other. Each
   caller is answered only after ``COMMIT`` returned. A write is applied only if the stored
   version is still its ``expected``: an ``UPDATE ... WHERE version = ?`` (or an insert for
-  ``expected == 0``) per write, in two ``executemany``; if every row changed, every write won,
-  else the transaction starts again, reads the stored versions and applies the winners only.
-- **One reader thread.** ``load_many``, ``receipt`` and ``list_keys`` run on a second connection,
-  which in WAL mode sees committed data only; reads queued together share one snapshot and loads
-  queued together share their queries.
+  ``expected == 0``) per write, in two ``executemany`` (a write with ``version == expected``
+  only reads the version: it leaves the row as it is, and stores none for ``expected == 0``).
+  Then the outbox changes of every write, in call order (see below). If every row changed,
+  every write won; else the transaction starts again, and decides and applies write by write.
+- **The outbox.** The table ``outbox`` holds the rows that committed writes sent and that no
+  write consumed yet, and the dead letters (kept, with ``dead`` set). A winning write's outbox
+  changes are in its transaction: its consumes (each a condition, like ``expected``: a row no
+  longer waiting makes the write lose, and nothing of it is applied), then its cancels (the
+  writer's waiting rows of those names), then its sends (a named one first deletes its sender's
+  waiting row of that name). ``outbox_counts`` answers from counts that the writer thread keeps:
+  counted at open, then changed by each commit, by the rows its statements changed.
+- **Layout versions.** ``meta`` holds ``schema_version``. A file of version 1 (before the
+  outbox) is migrated to 2 when opened; a file of a newer version is refused.
+- **One reader thread.** ``load_many``, ``receipt``, ``list_keys``, ``due`` and ``exists`` run on
+  a second connection, which in WAL mode sees committed data only; reads queued together share
+  one snapshot and loads queued together share their queries. ``due`` pages by key (each page
+  starts after the last row of the previous one).
 - **WAL journal.** Readers never block the writer and the writer never blocks readers.
 
-When a write is durable: when ``commit`` returns. With ``synchronous="FULL"`` (the default) the
-WAL is synced to disk by every ``COMMIT``, so a returned commit survives a crash of the process,
-of the operating system and a power loss. With ``synchronous="NORMAL"`` a returned commit survives
-a crash of the process, but a power loss or an operating system crash may lose the last
-transactions (never corrupting the file, never keeping part of a transaction).
+When a write is durable: when ``commit`` returns, with its receipts and its outbox changes (the
+rows it sends, consumes, buries or cancels are durable with the write that carries them, in the
+same transaction). With ``synchronous="FULL"`` (the default) the WAL is synced to disk by every
+``COMMIT``, so a returned commit survives a crash of the process, of the operating system and a
+power loss. With ``synchronous="NORMAL"`` a returned commit survives a crash of the process, but
+a power loss or an operating system crash may lose the last transactions (never corrupting the
+file, never keeping part of a transaction).
 
 Cancellation: cancelling the task awaiting ``commit`` does not withdraw the write. It is already
 queued for the writer thread and may still commit; the outcome is only unknown to the cancelled
@@ -49,8 +63,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from .._errors import InvalidOptions, Unavailable
-from ._base import Backend, Receipt, Stored, Write
-from ._sqlite_jobs import ABANDON, COMMIT, LIST, LOAD, PRUNE, RECEIPT, STOP, Channel
+from ._base import Backend, Envelope, EnvelopeId, Receipt, Stored, Write
+from ._sqlite_jobs import (
+    ABANDON,
+    COMMIT,
+    DUE,
+    EXISTS,
+    LIST,
+    LOAD,
+    PRUNE,
+    RECEIPT,
+    STOP,
+    Channel,
+)
 from ._sqlite_reader import Reader
 from ._sqlite_schema import SYNCHRONOUS, Database, FileLock
 from ._sqlite_writer import Stats, Writer
@@ -190,7 +215,10 @@ class SQLite(Backend):
         return session
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
-        """Apply each write whose ``expected`` version is still stored, with its receipts.
+        """Apply each write whose conditions hold, with its receipts and its outbox changes.
+
+        A write's conditions: the stored version is still ``expected``, and each outbox row it
+        consumes is still waiting.
 
         The writes join the writer thread's next transaction (group commit). When this returns the
         committed writes are durable (to the level of ``synchronous``). Cancelling the awaiting
@@ -236,6 +264,45 @@ class SQLite(Backend):
         result: list[str] = await self._read(LIST, (type_name, prefix, after, limit))
         return result
 
+    async def due(
+        self,
+        until: float,
+        *,
+        after: tuple[float, str, str, int, int] | None = None,
+        limit: int = 1000,
+    ) -> list[Envelope]:
+        """Return up to ``limit`` committed outbox rows, not dead, due by ``until``, in key order.
+
+        Only rows whose ``key()`` is above ``after`` (the key of the last row of the previous
+        page), when given.
+        """
+        if limit <= 0:
+            self._open_session()
+            return []
+        key = None if after is None else tuple(after)
+        result: list[Envelope] = await self._read(DUE, (float(until), key, limit))
+        return result
+
+    async def exists(self, ids: Sequence[EnvelopeId]) -> list[bool]:
+        """For each id, whether that outbox row is committed and waiting (stored, not dead)."""
+        ids = tuple(ids)
+        if not ids:
+            self._open_session()
+            return []
+        result: list[bool] = await self._read(EXISTS, ids)
+        return result
+
+    def outbox_counts(self) -> dict[str, int]:
+        """The world's outbox rows: ``{"messages": ..., "timers": ..., "dead": ...}`` (no I/O).
+
+        Counted when the file is opened, then kept by the writer thread as commits apply: exact
+        when a ``commit`` returns. All zero while closed.
+        """
+        session = self._session
+        if session is None:
+            return {"messages": 0, "timers": 0, "dead": 0}
+        return dict(session.writer.counts)
+
     async def prune_receipts(self, before: float) -> int:
         """Delete the world's receipts whose ``at`` is before ``before`` (on the writer thread)."""
         session = self._open_session()
@@ -251,7 +318,8 @@ class SQLite(Backend):
         ``transactions``: committed write transactions (group commits); ``failed_transactions``:
         rolled back ones; ``commits``: ``commit()`` calls answered; ``writes``: writes in them;
         ``conflicts``: writes that lost; ``largest_group`` / ``average_group``: ``commit()``
-        calls per transaction; ``pending``: jobs queued for the writer thread.
+        calls per transaction; ``pending``: jobs queued for the writer thread; ``outbox``:
+        ``outbox_counts()``.
         """
         s = self._stats
         session = self._session
@@ -264,6 +332,7 @@ class SQLite(Backend):
             "largest_group": s.largest_group,
             "average_group": s.commits / s.transactions if s.transactions else 0.0,
             "pending": 0 if session is None else session.writes.pending(),
+            "outbox": self.outbox_counts(),
         }
 
 

@@ -1,5 +1,8 @@
 """The SQLite backend's threads: jobs from the event loop, and the loop every thread runs.
 
+The writer runs ``COMMIT`` and ``PRUNE`` jobs; the reader ``LOAD``, ``RECEIPT``, ``LIST``, ``DUE``
+(a page of the outbox) and ``EXISTS`` (whether outbox rows still wait); both run ``STOP``.
+
 A *job* is a request and where to answer it: ``(kind, argument, future, loop)``. The event loop
 queues jobs on a ``Channel``; a ``Worker`` thread (the writer or the reader) takes every queued job
 at once, runs them on its own connection, and answers each future on its own loop.
@@ -21,6 +24,8 @@ from .._errors import Unavailable
 __all__ = [
     "ABANDON",
     "COMMIT",
+    "DUE",
+    "EXISTS",
     "LIST",
     "LOAD",
     "PRUNE",
@@ -42,6 +47,8 @@ LOAD: Final = 2
 RECEIPT: Final = 3
 LIST: Final = 4
 STOP: Final = 5
+DUE: Final = 6
+EXISTS: Final = 7
 
 Loop = asyncio.AbstractEventLoop
 _Future = asyncio.Future[Any]

@@ -1,18 +1,33 @@
-"""The SQLite backend's reader thread: loads, receipts and key listings on a read-only connection.
+"""The SQLite backend's reader thread: loads, receipts, key listings and outbox pages, read-only.
 
 In WAL mode the reader's connection sees committed data only. The reads of one drain share one
-snapshot, and the loads among them share their queries.
+snapshot, and the loads among them share their queries. Outbox pages (``due``) are keyset pages
+on the index ``outbox_by_due``: each page starts after the key of the last row of the previous
+one, so rows committed while paging may or may not appear, and none appears twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Sequence
 from typing import Final
 
 from .._errors import Unavailable
-from ._base import Receipt, Stored
-from ._sqlite_jobs import LOAD, RECEIPT, Channel, Job, Loop, Outcome, Worker, deliver_all
+from ._base import Envelope, EnvelopeId, Receipt, Stored
+from ._sqlite_jobs import (
+    DUE,
+    EXISTS,
+    LIST,
+    LOAD,
+    RECEIPT,
+    Channel,
+    Job,
+    Loop,
+    Outcome,
+    Worker,
+    deliver_all,
+)
 from ._sqlite_schema import Database
 
 __all__ = ["Reader"]
@@ -33,6 +48,19 @@ _LIST_RANGE: Final = (
 _LIST_RANGE_ABOVE: Final = (
     "SELECT key FROM entities WHERE world = ? AND type = ? AND key > ? AND key < ?"
     " ORDER BY key LIMIT ?"
+)
+
+# Pages of the waiting rows in `Envelope.key()` order (on the index `outbox_by_due`).
+_DUE: Final = (
+    "SELECT sender_type, sender_key, version, idx, to_type, to_key, due, name, message"
+    " FROM outbox WHERE world = ? AND dead IS NULL AND due <= ?"
+    " ORDER BY due, sender_type, sender_key, version, idx LIMIT ?"
+)
+_DUE_AFTER: Final = (
+    "SELECT sender_type, sender_key, version, idx, to_type, to_key, due, name, message"
+    " FROM outbox WHERE world = ? AND dead IS NULL AND due <= ?"
+    " AND (due, sender_type, sender_key, version, idx) > (?, ?, ?, ?, ?)"
+    " ORDER BY due, sender_type, sender_key, version, idx LIMIT ?"
 )
 
 _Answers = list[tuple[Loop, Outcome]]
@@ -113,8 +141,14 @@ class Reader(Worker):
                     result = self.get_receipt(conn, *arg)
                 except UnicodeEncodeError:  # not Unicode: never stored
                     result = None
-            else:
+            elif kind == LIST:
                 result = self.list_keys(conn, *arg)
+            elif kind == DUE:
+                result = self.due(conn, *arg)
+            elif kind == EXISTS:
+                result = self.exists(conn, arg)
+            else:  # pragma: no cover - a bug of the SQLite backend
+                raise ValueError(f"the reader got a job of unknown kind {kind!r}")
         except Exception as e:
             return loop, (future, None, _read_error(e, self.path))
         return loop, (future, result, None)
@@ -150,6 +184,48 @@ class Reader(Worker):
             sql = _LIST_RANGE_ABOVE if strict else _LIST_RANGE
             params = (world, type_name, low, high, limit)
         return [key for (key,) in conn.execute(sql, params)]
+
+    def due(
+        self,
+        conn: sqlite3.Connection,
+        until: float,
+        after: tuple[float, str, str, int, int] | None,
+        limit: int,
+    ) -> list[Envelope]:
+        world = self.db.world
+        if after is None:
+            rows = conn.execute(_DUE, (world, until, limit))
+        else:
+            rows = conn.execute(_DUE_AFTER, (world, until, *after, limit))
+        return [Envelope(*row) for row in rows]
+
+    def exists(self, conn: sqlite3.Connection, ids: tuple[EnvelopeId, ...]) -> list[bool]:
+        """Whether each outbox row is waiting: one query per chunk of ids."""
+        try:
+            found = self.waiting(conn, ids)
+        except UnicodeEncodeError:  # such an id was never stored: leave it out
+            found = self.waiting(
+                conn, [id for id in ids if _is_unicode(id[0]) and _is_unicode(id[1])]
+            )
+        return [tuple(id) in found for id in ids]
+
+    def waiting(self, conn: sqlite3.Connection, ids: Sequence[EnvelopeId]) -> set[EnvelopeId]:
+        chunk = max(1, self.db.chunk // 4)
+        world = self.db.world
+        found: set[EnvelopeId] = set()
+        for i in range(0, len(ids), chunk):
+            part = ids[i : i + chunk]
+            values = ", ".join(["(?, ?, ?, ?)"] * len(part))
+            found.update(
+                conn.execute(
+                    "SELECT o.sender_type, o.sender_key, o.version, o.idx"  # noqa: S608 - placeholders only
+                    f" FROM (VALUES {values}) AS v JOIN outbox AS o ON o.world = ?"
+                    " AND o.sender_type = v.column1 AND o.sender_key = v.column2"
+                    " AND o.version = v.column3 AND o.idx = v.column4 AND o.dead IS NULL",
+                    (*(field for id in part for field in id), world),
+                )
+            )
+        return found
 
 
 def _read_error(error: Exception, path: str) -> Exception:

@@ -1,4 +1,8 @@
-"""The SQLite backend's file: the process lock, the tables, and how each thread connects."""
+"""The SQLite backend's file: the process lock, the tables, and how each thread connects.
+
+The writer's connection creates the tables of a new file and migrates those of an older layout
+(``schema_version`` 1: no outbox) in one transaction; a file of a newer layout is refused.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ if sys.platform != "win32":
 
 __all__ = ["SCHEMA_VERSION", "SYNCHRONOUS", "Database", "FileLock", "write_transaction"]
 
-#: The version of the tables' layout; stored in ``meta`` as ``schema_version``.
-SCHEMA_VERSION: Final = 1
+#: The version of the tables' layout; stored in ``meta`` as ``schema_version``. Version 1 (the
+#: tables ``meta``, ``entities`` and ``receipts``) is migrated to 2 (``outbox`` added) on open.
+SCHEMA_VERSION: Final = 2
 
+_META: Final = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID"
+)
 _SCHEMA: Final = (
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS entities ("
     " world TEXT NOT NULL, type TEXT NOT NULL, key TEXT NOT NULL,"
     " version INTEGER NOT NULL, type_version INTEGER NOT NULL, state BLOB NOT NULL,"
@@ -31,6 +38,24 @@ _SCHEMA: Final = (
     " version INTEGER NOT NULL, result BLOB NOT NULL, at REAL NOT NULL,"
     " PRIMARY KEY (world, type, key, id)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS receipts_by_time ON receipts (world, at)",
+    # Schema version 2: the outbox. A row waits (``dead`` NULL) until a receiver's write consumes
+    # it; a dead letter keeps its row with ``dead`` set to why its handler failed.
+    "CREATE TABLE IF NOT EXISTS outbox ("
+    " world TEXT NOT NULL, sender_type TEXT NOT NULL, sender_key TEXT NOT NULL,"
+    " version INTEGER NOT NULL, idx INTEGER NOT NULL, to_type TEXT NOT NULL, to_key TEXT NOT NULL,"
+    " due REAL NOT NULL, name TEXT NULL, message BLOB NOT NULL, dead TEXT NULL,"
+    " PRIMARY KEY (world, sender_type, sender_key, version, idx)) WITHOUT ROWID",
+    # Paging of the rows waiting, in `Envelope.key()` order.
+    "CREATE INDEX IF NOT EXISTS outbox_by_due"
+    " ON outbox (world, due, sender_type, sender_key, version, idx) WHERE dead IS NULL",
+    # One waiting row per sender and name. Dead letters keep their name but leave the index (as
+    # in Memory, a dead timer no longer holds its name): a new timer of that name can be stored.
+    "CREATE UNIQUE INDEX IF NOT EXISTS outbox_by_name"
+    " ON outbox (world, sender_type, sender_key, name) WHERE name IS NOT NULL AND dead IS NULL",
+)
+#: Outbox rows of a world, by (dead, timer): what `outbox_counts` starts from.
+_COUNT_OUTBOX: Final = (
+    "SELECT dead IS NOT NULL, due != 0, count(*) FROM outbox WHERE world = ? GROUP BY 1, 2"
 )
 #: The accepted values of the ``synchronous`` option, and their statement.
 SYNCHRONOUS: Final = {"FULL": "PRAGMA synchronous = FULL", "NORMAL": "PRAGMA synchronous = NORMAL"}
@@ -164,8 +189,9 @@ class Database:
         if self.max_pages is not None:
             conn.execute(f"PRAGMA max_page_count = {int(self.max_pages)}")
         with write_transaction(conn):
-            for statement in _SCHEMA:
-                conn.execute(statement)
+            # A new file gets the current version; a file of version 1 is migrated (in this
+            # transaction: a failure leaves it at version 1); a newer one is left untouched.
+            conn.execute(_META)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
                 " ON CONFLICT (key) DO NOTHING",
@@ -174,13 +200,26 @@ class Database:
             (stored,) = conn.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
-        if stored != SCHEMA_VERSION:
-            raise Unavailable(
-                f"{self.path} has schema_version {stored!r}; this Pachyderm knows "
-                f"{SCHEMA_VERSION} (a newer Pachyderm wrote it?)"
-            )
+            if type(stored) is not int or stored not in (1, SCHEMA_VERSION):
+                raise Unavailable(
+                    f"{self.path} has schema_version {stored!r}; this Pachyderm knows "
+                    f"{SCHEMA_VERSION} (a newer Pachyderm wrote it?)"
+                )
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            if stored != SCHEMA_VERSION:
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,)
+                )
         if self.on_connect is not None:
             self.on_connect(conn)
+
+    def count_outbox(self, conn: sqlite3.Connection) -> dict[str, int]:
+        """The world's outbox rows now: ``{"messages": ..., "timers": ..., "dead": ...}``."""
+        counts = {"messages": 0, "timers": 0, "dead": 0}
+        for dead, timer, count in conn.execute(_COUNT_OUTBOX, (self.world,)):
+            counts["dead" if dead else "timers" if timer else "messages"] += count
+        return counts
 
     @staticmethod
     def setup_reader(conn: sqlite3.Connection) -> None:

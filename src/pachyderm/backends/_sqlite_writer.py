@@ -3,6 +3,12 @@
 The writer owns the only write connection and the file lock. Each drain of its channel is one
 *group*: every commit request in it is applied in one transaction, in call order, as if one after
 the other, and each caller is answered only after ``COMMIT`` returned.
+
+A write wins if the stored version of its entity is its ``expected`` one and every outbox row it
+consumes is still waiting; a winner's entity row, receipts and outbox changes (consumes, then
+cancels, then sends) are in that transaction, so they are durable together, when ``commit``
+returns. The writer also keeps ``counts``, the world's outbox rows by kind: counted at connect,
+then kept exact from the rows each committed transaction changed.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .._errors import Indeterminate, InvalidKey, TooLarge, Unavailable
-from ._base import Write
+from ._base import Consume, Outbox, Write
 from ._sqlite_jobs import COMMIT, Channel, Job, Loop, Outcome, Worker, answer, deliver_all
 from ._sqlite_schema import Database, FileLock, write_transaction
 
@@ -39,6 +45,28 @@ _PUT_RECEIPT: Final = (
     " version = excluded.version, result = excluded.result, at = excluded.at"
 )
 _PRUNE: Final = "DELETE FROM receipts WHERE world = ? AND at < ?"
+# The outbox. A row is waiting while `dead` is NULL; only waiting rows are consumed, cancelled or
+# replaced (and only they hold their name in the unique index `outbox_by_name`).
+_CONSUME: Final = (
+    "DELETE FROM outbox WHERE world = ? AND sender_type = ? AND sender_key = ? AND version = ?"
+    " AND idx = ? AND dead IS NULL"
+)
+_BURY: Final = (
+    "UPDATE outbox SET dead = ? WHERE world = ? AND sender_type = ? AND sender_key = ?"
+    " AND version = ? AND idx = ? AND dead IS NULL"
+)
+_WAITING: Final = (
+    "SELECT count(*) FROM outbox WHERE world = ? AND sender_type = ? AND sender_key = ?"
+    " AND version = ? AND idx = ? AND dead IS NULL"
+)
+_CANCEL: Final = (
+    "DELETE FROM outbox WHERE world = ? AND sender_type = ? AND sender_key = ? AND name = ?"
+    " AND dead IS NULL"
+)
+_SEND: Final = (
+    "INSERT INTO outbox (world, sender_type, sender_key, version, idx, to_type, to_key, due,"
+    " name, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 # SQLite's primary result codes that matter here (extended codes carry them in the low byte).
 _SQLITE_FULL: Final = 13
@@ -70,9 +98,16 @@ class Writer(Worker):
         self.db = db
         self.lock = lock
         self.stats = stats
+        # The world's outbox rows by kind. Replaced (never changed in place) by the writer thread
+        # after each commit, before its callers are answered; read by the event loop.
+        self.counts: dict[str, int] = {"messages": 0, "timers": 0, "dead": 0}
 
     def connect(self) -> sqlite3.Connection:
-        return self.db.connect(self.db.setup_writer)
+        return self.db.connect(self.setup)
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        self.db.setup_writer(conn)
+        self.counts = self.db.count_outbox(conn)
 
     def release(self) -> None:
         self.lock.release()
@@ -121,34 +156,16 @@ class Writer(Worker):
         at_commit = False
         try:
             conn.execute("BEGIN IMMEDIATE")
-            # Fast path: assume every write wins. Updates first, then inserts; if every row
-            # changed, every write won under this order, and then also in queue order (an
-            # entity can only have all its writes win here if they are all updates, kept in
-            # order, or one single insert). Otherwise start again and decide write by write.
-            # (Rolling back and beginning again is cheaper than a savepoint, whose statement
-            # journal would copy every page the fast path touches.)
-            updates = [
-                (w.version, w.type_version, w.data, world, w.type_name, w.key, w.expected)
-                for w in writes
-                if w.expected
-            ]
-            inserts = [
-                (world, w.type_name, w.key, w.version, w.type_version, w.data)
-                for w in writes
-                if not w.expected
-            ]
-            changed = 0
-            if updates:
-                changed += conn.executemany(_UPDATE, updates).rowcount
-            if inserts:
-                changed += conn.executemany(_INSERT, inserts).rowcount
             won: list[bool] | None = None
-            if changed == len(writes):
+            fast = _fast_path_may_hold(writes)
+            ops = self.assume_all_win(conn, writes) if fast else None
+            if ops is not None:
                 winners: Sequence[Write] = writes
             else:
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-                won, winners = self.decide(conn, writes)
+                if fast:  # undo what the fast path wrote
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                won, winners, ops = self.decide(conn, writes)
             receipts = [
                 (world, w.type_name, w.key, r.id, r.version, r.result, r.at)
                 for w in winners
@@ -163,8 +180,14 @@ class Writer(Worker):
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            if at_commit:  # the outcome is unknown: count the outbox again
+                with contextlib.suppress(sqlite3.Error):
+                    self.counts = self.db.count_outbox(conn)
             stats.failed_transactions += 1
             raise _Failed(e, at_commit=at_commit) from e
+        if ops.changed:
+            counts = self.counts
+            self.counts = {kind: counts[kind] + ops.delta[kind] for kind in counts}
         stats.transactions += 1
         stats.commits += len(batches)
         stats.writes += len(writes)
@@ -179,35 +202,95 @@ class Writer(Worker):
             i += len(batch)
         return out
 
+    def assume_all_win(self, conn: sqlite3.Connection, writes: list[Write]) -> _OutboxOps | None:
+        """The fast path: apply every write as if it won; None if one did not (then undo).
+
+        Updates first, then inserts, then the checks of writes that keep their entity's row
+        (``version == expected``); if every row changed (or was as expected), every write won
+        under this order, and then also in queue order (an entity can only have all its writes
+        win here if they are all updates, kept in order, or one single insert, or only checks:
+        ``_fast_path_may_hold``). Then the outbox changes of every write, in queue order, whose
+        consumes must each find their row. (Rolling back and beginning again is cheaper than a
+        savepoint, whose statement journal would copy every page the fast path touches.)
+        """
+        world = self.db.world
+        updates = []
+        inserts = []
+        checks = []
+        for w in writes:
+            if w.version == w.expected:
+                checks.append(w)
+            elif w.expected:
+                updates.append(
+                    (w.version, w.type_version, w.data, world, w.type_name, w.key, w.expected)
+                )
+            else:
+                inserts.append((world, w.type_name, w.key, w.version, w.type_version, w.data))
+        changed = 0
+        if updates:
+            changed += conn.executemany(_UPDATE, updates).rowcount
+        if inserts:
+            changed += conn.executemany(_INSERT, inserts).rowcount
+        if checks:
+            stored = self.versions(conn, checks)
+            changed += sum(stored.get((w.type_name, w.key), 0) == w.expected for w in checks)
+        if changed != len(writes):
+            return None
+        ops = _OutboxOps(conn, world)
+        for w in writes:
+            if w.outbox is not None:
+                ops.add(w, w.outbox)
+        ops.flush()
+        return None if ops.missed else ops
+
+    def versions(
+        self, conn: sqlite3.Connection, writes: Sequence[Write]
+    ) -> dict[tuple[str, str], int]:
+        """The stored versions of the writes' entities (absent: never stored)."""
+        refs = {(w.type_name, w.key): None for w in writes}
+        return {(t, k): version for t, k, version in self.db.select(conn, list(refs), "version")}
+
     def decide(
         self, conn: sqlite3.Connection, writes: list[Write]
-    ) -> tuple[list[bool], list[Write]]:
-        """The slow path: read the stored versions, decide each write in order, apply winners."""
-        refs = {(w.type_name, w.key): None for w in writes}
-        current: dict[tuple[str, str], int] = {
-            (t, k): version for t, k, version in self.db.select(conn, list(refs), "version")
-        }
+    ) -> tuple[list[bool], list[Write], _OutboxOps]:
+        """The slow path: decide each write in order, against the effects of those before it.
+
+        A write wins if the stored version (as the winners before it left it) is its expected
+        one, and each outbox row it consumes is still waiting (after the winners before it) and
+        named once.
+        """
+        current = self.versions(conn, writes)
+        ops = _OutboxOps(conn, self.db.world)
         won: list[bool] = []
         final: dict[tuple[str, str], Write] = {}
         winners: list[Write] = []
         for w in writes:
             ref = (w.type_name, w.key)
-            if current.get(ref, 0) == w.expected:
-                current[ref] = w.version
-                final[ref] = w
-                winners.append(w)
-                won.append(True)
-            else:
+            outbox = w.outbox
+            consumes = () if outbox is None else outbox.consumes
+            if current.get(ref, 0) != w.expected or (consumes and not ops.waiting(consumes)):
                 won.append(False)
+                continue
+            current[ref] = w.version
+            if w.version != w.expected:
+                final[ref] = w
+            if outbox is not None:
+                ops.add(w, outbox)
+            winners.append(w)
+            won.append(True)
+        ops.flush()
+        if ops.missed:  # pragma: no cover - `waiting` said these rows were there
+            raise RuntimeError("the SQLite writer lost track of the outbox rows it consumes")
         world = self.db.world
-        conn.executemany(
-            _UPSERT,
-            [
-                (world, w.type_name, w.key, w.version, w.type_version, w.data)
-                for w in final.values()
-            ],
-        )
-        return won, winners
+        if final:
+            conn.executemany(
+                _UPSERT,
+                [
+                    (world, w.type_name, w.key, w.version, w.type_version, w.data)
+                    for w in final.values()
+                ],
+            )
+        return won, winners, ops
 
     def prune(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
         for job in jobs:
@@ -218,6 +301,145 @@ class Writer(Worker):
                 answer(job, None, Unavailable(f"SQLite could not prune receipts: {e}"))
             else:
                 answer(job, count, None)
+
+
+class _OutboxOps:
+    """The outbox changes of a transaction's winners, applied as in queue order, in few statements.
+
+    Each write's changes are queued: consumes, cancels, sends (a named send is a delete of the
+    sender's waiting row of that name, then an insert). ``flush`` runs everything queued as one
+    statement per kind, in that order; that equals queue order as long as no queued change of a
+    later write touches a row that a queued change of an earlier one does. ``add`` flushes first
+    when that could happen: a consume of a row that is queued to be sent, or of a row of a sender
+    with queued cancels or named sends (it may have that name); a cancel or a named send of a
+    (sender, name) with a queued named send.
+
+    Mutable state: the queues, ``sent``, ``renamers`` and ``names`` (what they touch), ``missed``
+    (consumes that found no waiting row: the write then lost) and ``delta`` (the change of each
+    count), changed by ``add`` and ``flush`` on the writer thread; ``changed``: whether any was
+    queued.
+    """
+
+    __slots__ = (
+        "buries",
+        "cancels",
+        "changed",
+        "conn",
+        "consumes",
+        "delta",
+        "missed",
+        "names",
+        "renamers",
+        "replaces",
+        "sends",
+        "sent",
+        "world",
+    )
+
+    def __init__(self, conn: sqlite3.Connection, world: str) -> None:
+        self.conn = conn
+        self.world = world
+        self.consumes: list[tuple[object, ...]] = []
+        self.buries: list[tuple[object, ...]] = []
+        self.cancels: list[tuple[object, ...]] = []
+        self.replaces: list[tuple[object, ...]] = []
+        self.sends: list[tuple[object, ...]] = []
+        self.sent: set[tuple[str, str, int, int]] = set()
+        self.renamers: set[tuple[str, str]] = set()
+        self.names: set[tuple[str, str, str]] = set()
+        self.missed = 0
+        self.delta = {"messages": 0, "timers": 0, "dead": 0}
+        self.changed = False
+
+    def waiting(self, consumes: Sequence[Consume]) -> bool:
+        """Whether these rows are distinct and each is waiting now (after every queued change).
+
+        A write naming a row twice loses, as in Memory.
+        """
+        if len({c.id for c in consumes}) < len(consumes):
+            return False
+        self.flush()
+        conn, world = self.conn, self.world
+        return all(conn.execute(_WAITING, (world, *c.id)).fetchone()[0] == 1 for c in consumes)
+
+    def add(self, w: Write, outbox: Outbox) -> None:
+        """Queue the outbox changes of a winning write."""
+        world = self.world
+        consumes = outbox.consumes
+        me = (w.type_name, w.key)
+        sent, renamers, names, delta = self.sent, self.renamers, self.names, self.delta
+        # A consume of a row that a queued change sends or may delete (by name), or a cancel of
+        # a name that a queued send holds: run what is queued first.
+        taken = (sent or renamers) and any(
+            c.id in sent or (c.id[0], c.id[1]) in renamers for c in consumes
+        )
+        if taken or (names and any((*me, name) in names for name in outbox.cancels)):
+            self.flush()
+        for c in consumes:
+            kind = "timers" if c.timer else "messages"
+            delta[kind] -= 1
+            if c.dead is None:
+                self.consumes.append((world, *c.id))
+            else:
+                self.buries.append((c.dead, world, *c.id))
+                delta["dead"] += 1
+        if outbox.cancels:
+            self.cancels.extend((world, *me, name) for name in outbox.cancels)
+            renamers.add(me)
+        for e in outbox.sends:
+            sender = (e.sender_type, e.sender_key)
+            if e.name is not None:
+                name = (*sender, e.name)
+                if name in names:
+                    self.flush()
+                self.replaces.append((world, *name))
+                names.add(name)
+                renamers.add(sender)
+            self.sends.append(
+                (world, *sender, e.version, e.index, e.to_type, e.to_key, e.due, e.name, e.data)
+            )
+            sent.add((*sender, e.version, e.index))
+            delta["timers" if e.due else "messages"] += 1
+        self.changed = True
+
+    def flush(self) -> None:
+        """Run every queued change, one statement per kind, in the order of `Outbox`."""
+        conn = self.conn
+        if self.consumes or self.buries:
+            hit = 0
+            if self.consumes:
+                hit += conn.executemany(_CONSUME, self.consumes).rowcount
+            if self.buries:
+                hit += conn.executemany(_BURY, self.buries).rowcount
+            self.missed += len(self.consumes) + len(self.buries) - hit
+            self.consumes = []
+            self.buries = []
+        # Cancelled and replaced rows are timers: only timers have names.
+        if self.cancels:
+            self.delta["timers"] -= conn.executemany(_CANCEL, self.cancels).rowcount
+            self.cancels = []
+        if self.replaces:
+            self.delta["timers"] -= conn.executemany(_CANCEL, self.replaces).rowcount
+            self.replaces = []
+        if self.sends:
+            conn.executemany(_SEND, self.sends)
+            self.sends = []
+        self.sent.clear()
+        self.renamers.clear()
+        self.names.clear()
+
+
+def _fast_path_may_hold(writes: list[Write]) -> bool:
+    """Whether no entity has both a write that keeps its row and one that changes it.
+
+    A check (``version == expected``) reads the stored version where the fast path runs it
+    (after every update), not where it stands in the queue: it is right only if no other write
+    of the group changes its entity.
+    """
+    checked = {(w.type_name, w.key) for w in writes if w.version == w.expected}
+    return not checked or not any(
+        (w.type_name, w.key) in checked for w in writes if w.version != w.expected
+    )
 
 
 class _Failed(Exception):
@@ -257,7 +479,9 @@ def _public_error(failure: _Failed, path: str) -> BaseException:
     if code == _SQLITE_TOOBIG or isinstance(error, OverflowError):
         return TooLarge(f"a value is over SQLite's limits ({path}): {error}")
     if isinstance(error, UnicodeEncodeError):
-        return InvalidKey(f"a type name, key or receipt id is not valid Unicode: {error}")
+        return InvalidKey(
+            f"a type name, key, receipt id or outbox text is not valid Unicode: {error}"
+        )
     if (
         isinstance(error, sqlite3.ProgrammingError | sqlite3.InterfaceError)
         or not isinstance(error, sqlite3.Error)

@@ -5,7 +5,7 @@ cases of ``backend_cases()`` to a test framework one by one (each case is a plai
 function).
 Nothing here imports a test framework: a case fails by raising ``AssertionError`` (never a bare
 ``assert``, so ``python -O`` cannot turn the contract off), and declines by raising
-``CaseSkipped``.
+``CaseSkipped``. The cases of the outbox live in ``_contract_outbox`` and run after these.
 
 The factory contract:
 
@@ -700,3 +700,8 @@ async def _case_unopened_unavailable(make_backend: BackendFactory, reopen: Reope
         await _expect_unavailable(backend, "before open")
     finally:
         await backend.aclose()
+
+
+# The outbox cases, in a module of their own; they register here with `_case` (imported last, as
+# it imports the helpers above).
+from . import _contract_outbox as _contract_outbox  # noqa: E402

@@ -1,0 +1,225 @@
+"""Benchmarks of issue 3's figures: messages between entities, and durable timers.
+
+Usage: ``python benchmarks/messages.py [SCENARIO ...] [--runs N] [--quick]``; with no scenario,
+all. Every figure is a ratio to a peer measured in the same run, median of ``--runs``:
+
+- ``chain``: one message hops along a chain of 10k entities (each hop: a delivery, an activation
+  and a commit that consumes the message and stores the next); the peer is one caller running
+  10k plain activations on 10k entities, one after the other. Both are latency-bound chains.
+- ``pingpong``: 1000 pairs of entities bounce a ball; the peer is 1000 concurrent callers running
+  plain activations on 2000 entities.
+- ``timers``: N pending timers (10k, then 100k), all due: the time a world takes to start (it
+  loads them), and the time until all have fired. Linear means the same time per timer.
+
+Memory and SQLite (``synchronous=FULL``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pachyderm
+from pachyderm import Update, after, backends, send
+from pachyderm._clock import SystemClock
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import Counter, drive, report
+
+
+class Link(pachyderm.Entity):
+    """Link i passes ("hop", end) to link i+1, until the end."""
+
+    name = "bench.Link"
+
+    def init(self) -> int:
+        return 0
+
+    def activate(self, message: Any, state: int) -> Any:
+        _, end = message
+        nxt = int(self.key) + 1
+        if nxt >= end:
+            return state + 1
+        return Update(state + 1, send((Link, str(nxt)), message))
+
+
+class Player(pachyderm.Entity):
+    """Bounces the ball to its partner until it was hit `limit` times."""
+
+    name = "bench.Player"
+
+    def init(self) -> int:
+        return 0
+
+    def activate(self, message: Any, state: int) -> Any:
+        partner, hits, limit = message
+        if hits >= limit:
+            return state + 1
+        return Update(state + 1, send((Player, partner), (self.key, hits + 1, limit)))
+
+
+class Sleeper(pachyderm.Entity):
+    """("arm", n, delay) arms n timers; a timer's message increments it."""
+
+    name = "bench.Sleeper"
+
+    def init(self) -> int:
+        return 0
+
+    def activate(self, message: Any, state: int) -> Any:
+        if isinstance(message, tuple):
+            _, n, delay = message
+            return Update(state, *(after(delay, "ring") for _ in range(n)))
+        return state + 1
+
+
+ENTITIES = [Counter, Link, Player, Sleeper]
+
+
+async def wait_for(world: pachyderm.World, counter: str, target: int) -> None:
+    while world.statistics()[counter] < target:  # type: ignore[operator]
+        await asyncio.sleep(0.001)
+
+
+def backend_maker(kind: str, folder: str) -> Callable[[str], backends.Backend]:
+    memory: dict[str, backends.Backend] = {}
+
+    def make(name: str) -> backends.Backend:
+        if kind == "memory":
+            return memory.setdefault(name, backends.Memory())
+        return backends.SQLite(Path(folder) / f"{name}.db")
+
+    return make
+
+
+async def chain_once(make: Callable[[str], backends.Backend], n: int) -> tuple[float, float]:
+    async with pachyderm.World(make("plain"), entities=ENTITIES) as w:
+        keys = [str(i) for i in range(n)]
+        started = time.perf_counter()
+        for key in keys:
+            await w.activate((Counter, key), "x")
+        plain = n / (time.perf_counter() - started)
+    async with pachyderm.World(make("chain"), entities=ENTITIES) as w:
+        started = time.perf_counter()
+        await w.activate((Link, "0"), ("hop", n))
+        await wait_for(w, "activations", n)
+        chain = (n - 1) / (time.perf_counter() - started)
+    return chain, plain
+
+
+async def pingpong_once(
+    make: Callable[[str], backends.Backend], pairs: int, hits: int
+) -> tuple[float, float]:
+    async with pachyderm.World(make("plain"), entities=ENTITIES) as w:
+        keys = [f"k{i}" for i in range(2 * pairs)]
+        for i in range(0, len(keys), 1000):
+            await asyncio.gather(*(w.activate((Counter, k), "x") for k in keys[i : i + 1000]))
+        plain = await drive(lambda ref: w.activate(ref, "x"), keys, pairs, pairs * hits)
+    async with pachyderm.World(make("pingpong"), entities=ENTITIES) as w:
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(w.activate((Player, f"a{i}"), (f"b{i}", 0, hits)) for i in range(pairs))
+        )
+        await wait_for(w, "delivered", pairs * hits)
+        await wait_for(w, "activations", pairs * (hits + 1))
+        rate = pairs * hits / (time.perf_counter() - started)
+    return rate, plain
+
+
+class Later(SystemClock):
+    """The system clock, an hour later (so that timers armed for in an hour are due)."""
+
+    def wall(self) -> float:
+        return time.time() + 3600.0
+
+
+async def timers_once(make: Callable[[str], backends.Backend], n: int) -> tuple[float, float]:
+    """Arm n timers due in an hour, stop; an hour later, time a start and the firing of all."""
+    backend = make(f"timers{n}")
+    per, sleepers = 100, n // 100
+    async with pachyderm.World(backend, entities=ENTITIES) as w:
+        for i in range(0, sleepers, 100):
+            await asyncio.gather(
+                *(w.activate((Sleeper, f"s{j}"), ("arm", per, 3000.0)) for j in range(i, i + 100))
+            )
+        assert w.statistics()["outbox"]["timers"] == n  # type: ignore[index]
+    reopened = backend if isinstance(backend, backends.Memory) else make(f"timers{n}")
+    started = time.perf_counter()
+    async with pachyderm.World(reopened, entities=ENTITIES, clock=Later()) as w:
+        loaded = time.perf_counter() - started
+        await wait_for(w, "timers_fired", n)
+        fired = time.perf_counter() - started - loaded
+    return loaded, fired
+
+
+async def scenario_chain(runs: int, quick: bool) -> None:
+    n = 2000 if quick else 10_000
+    for kind in ("memory", "sqlite"):
+        got, peer = [], []
+        for _ in range(runs):
+            with tempfile.TemporaryDirectory() as folder:
+                rate, plain = await chain_once(backend_maker(kind, folder), n)
+            got.append(rate)
+            peer.append(plain)
+        report(f"chain of {n} entities, {kind}", "messages/s", got, peer)
+
+
+async def scenario_pingpong(runs: int, quick: bool) -> None:
+    pairs, hits = 1000, (20 if quick else 100)
+    for kind in ("memory", "sqlite"):
+        got, peer = [], []
+        for _ in range(runs):
+            with tempfile.TemporaryDirectory() as folder:
+                rate, plain = await pingpong_once(backend_maker(kind, folder), pairs, hits)
+            got.append(rate)
+            peer.append(plain)
+        report(f"{pairs} ping-pong pairs, {kind}", "messages/s", got, peer)
+
+
+async def scenario_timers(runs: int, quick: bool) -> None:
+    small, large = (2000, 20_000) if quick else (10_000, 100_000)
+    for kind in ("memory", "sqlite"):
+        loads: dict[int, list[float]] = {small: [], large: []}
+        fires: dict[int, list[float]] = {small: [], large: []}
+        for _ in range(runs):
+            for n in (small, large):
+                with tempfile.TemporaryDirectory() as folder:
+                    loaded, fired = await timers_once(backend_maker(kind, folder), n)
+                loads[n].append(loaded / n * 1e6)
+                fires[n].append(fired / n * 1e6)
+        for what, data in (("start (load)", loads), ("firing", fires)):
+            per_small, per_large = statistics.median(data[small]), statistics.median(data[large])
+            ratios = [b / a for a, b in zip(data[small], data[large], strict=True)]
+            print(
+                f"timers {kind}, {what}: {per_small:.1f} µs/timer at {small}, "
+                f"{per_large:.1f} µs/timer at {large}; growth per timer median "
+                f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}; "
+                f"1.0 = linear); firing rate at {large}: "
+                f"{1e6 / statistics.median(fires[large]):,.0f} timers/s",
+                flush=True,
+            )
+
+
+SCENARIOS = {"chain": scenario_chain, "pingpong": scenario_pingpong, "timers": scenario_timers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], default=[])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = parser.parse_args()
+    print(f"python {sys.version.split()[0]}, runs {args.runs}, wall time")
+    for name in args.scenarios or list(SCENARIOS):
+        asyncio.run(SCENARIOS[name](args.runs, args.quick))
+
+
+if __name__ == "__main__":
+    main()

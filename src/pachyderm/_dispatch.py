@@ -1,0 +1,368 @@
+"""The dispatcher: delivers outbox rows (messages and due timers) to their receivers.
+
+Nothing here decides whether a message is applied: the receiver's commit *consumes* the row (a
+conditional delete in the receiver's transaction) or loses. So a duplicate delivery (a retry, a
+scan that overlaps, a second node) can at worst run a handler whose write then loses; it can never
+apply a message twice. What the dispatcher adds is liveness and order:
+
+- **After the commit.** A committed write's sends are delivered at once, from memory; its timers
+  go to the timer heap if they are due within the *horizon* (``timer_horizon`` seconds), else they
+  wait in storage until a scan brings them in.
+- **Order per pair.** Messages go into the receiver's mailbox in the order they were committed,
+  and a mailbox runs in order. When a receiver cannot take a message now (its mailbox is full, or
+  a delivery failed for a reason that is not the handler's: storage unavailable, a newer stored
+  version, ...), that message and every later one for that receiver wait in its *held* queue, in
+  order, and are retried with a backoff.
+- **Start.** ``recover`` reads every row due within the horizon, in outbox order (so each sender's
+  messages in the order it sent them), before the world serves any call: a message committed
+  before a crash is delivered before any message sent after the restart.
+- **Dead letters.** A delivered message whose handler fails (``ActivationFailed``, ``Rejected``,
+  ...) is consumed as a dead letter: kept in storage, counted, logged, never delivered again.
+
+Mutable state, on the event loop only: ``held``, ``_heap``/``_timers``/``_names`` (timers in
+memory), ``_horizon``, ``stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _faults
+from ._codec import UNTYPED
+from ._core._resident import READY, Call, Resident
+from ._errors import PachydermError, UnknownEntityType
+from .backends._base import Envelope, EnvelopeId, Write
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["SINK", "Dispatcher"]
+
+log = logging.getLogger("pachyderm")
+
+_SCAN_PAGE: Final = 1000
+_FIRE_BATCH: Final = 1000
+_FIRST_RETRY: Final = 0.01
+_LAST_RETRY: Final = 5.0
+_new_call = Call.__new__
+
+
+class _Sink:
+    """The future of a delivery: the engine is the caller, and needs no answer."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result: object) -> None:
+        pass
+
+    def set_exception(self, error: BaseException) -> None:
+        pass
+
+    def add_done_callback(self, fn: object) -> None:
+        pass
+
+
+SINK: Final[Any] = _Sink()
+
+
+class Dispatcher:
+    """Delivers the outbox of one world: see the module docstring."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.clock = engine.clock
+        self.horizon = engine.options.timer_horizon
+        # receiver ref -> envelopes waiting, in order, for room in its mailbox (or a retry).
+        self.held: dict[tuple[str, str], deque[Envelope]] = {}
+        self._attempts: dict[tuple[str, str], int] = {}
+        self._retry_at: dict[tuple[str, str], Any] = {}
+        # Timers due within the horizon: a heap by outbox key; `_timers` says which are live.
+        self._heap: list[tuple[tuple[float, str, str, int, int], Envelope]] = []
+        self._timers: dict[EnvelopeId, Envelope] = {}
+        self._names: dict[tuple[str, str, str], EnvelopeId] = {}
+        self._until = -math.inf  # every row due up to here is in memory (or delivered)
+        self._wake: asyncio.Future[None] | None = None
+        self._wake_at = math.inf
+        self.closing = False
+        self.recovered = False
+        self._undeliverable: set[str] = set()
+        self.stats = {"delivered": 0, "timers_fired": 0, "dead_letters": 0, "redelivered": 0}
+
+    # ------------------------------------------------------------------ start and stop
+
+    async def recover(self) -> None:
+        """Before serving: read every row due within the horizon, in outbox order.
+
+        Messages go to held queues (nothing runs them before this returns, so nothing sent later
+        can overtake them); timers to the heap. Then the held queues are flushed.
+        Cancellation: the world does not start; rows stay in storage.
+        """
+        await self._scan(self.clock.wall() + self.horizon, hold=True)
+        self.recovered = True
+        for ref in list(self.held):
+            self._flush(ref)
+
+    def stop(self) -> None:
+        """Deliver nothing more: what is not delivered stays in storage for the next start."""
+        self.closing = True
+        for handle in self._retry_at.values():
+            handle.cancel()
+        self._retry_at.clear()
+        self._set_wake()
+
+    async def _scan(self, until: float, *, hold: bool = False) -> None:
+        """Bring into memory the rows due in (``_until``, ``until``], page by page."""
+        since = self._until
+        self._until = until  # rows committed from now on with due <= until go to the heap
+        # Keys after (since, "", ...): rows due after `since` (and a few due exactly then).
+        after: tuple[float, str, str, int, int] | None = (
+            None if since == -math.inf else (since, "", "", -1, -1)
+        )
+        while True:
+            page = await self.engine.backend.due(until, after=after, limit=_SCAN_PAGE)
+            for envelope in page:
+                if envelope.due > since or (envelope.due == 0.0 and hold):
+                    self._arrive(envelope, hold=hold)
+            if len(page) < _SCAN_PAGE:
+                return
+            after = page[-1].key()
+
+    def _arrive(self, envelope: Envelope, *, hold: bool) -> None:
+        if envelope.due == 0.0:
+            if hold:
+                self._hold(envelope)
+            else:
+                self.deliver(envelope)
+        elif envelope.id not in self._timers:
+            self._add_timer(envelope)
+
+    # ------------------------------------------------------------------ after a commit
+
+    def committed(self, resident: Resident, write: Write) -> None:
+        """A write committed (the output gate): act on its outbox rows."""
+        outbox = write.outbox
+        assert outbox is not None
+        self._attempts.pop(resident.ref, None)  # its deliveries work (again)
+        if outbox.consumes:
+            self.forget(resident, [c.id for c in outbox.consumes])
+        for consume in outbox.consumes:
+            if consume.dead is not None:
+                self.stats["dead_letters"] += 1
+                log.warning(
+                    "dead letter: the message %s to %s:%r failed and will not be delivered "
+                    "again: %s",
+                    consume.id,
+                    write.type_name,
+                    write.key,
+                    consume.dead,
+                )
+            elif consume.timer:
+                self.stats["timers_fired"] += 1
+        sender = (write.type_name, write.key)
+        for name in outbox.cancels:
+            self._drop_name((*sender, name))
+        for envelope in outbox.sends:
+            if envelope.due == 0.0:
+                self.deliver(envelope)
+                continue
+            if envelope.name is not None:
+                self._drop_name((*sender, envelope.name))
+            if envelope.due <= self._until:
+                self._add_timer(envelope)
+
+    # ------------------------------------------------------------------ delivering
+
+    def deliver(self, envelope: Envelope) -> None:
+        """Put a message in its receiver's mailbox (or behind the ones it holds)."""
+        if self.closing:
+            return  # it stays in storage, for the next start
+        ref = (envelope.to_type, envelope.to_key)
+        held = self.held.get(ref)
+        if held is not None:
+            held.append(envelope)
+            return
+        engine = self.engine
+        try:
+            info = engine.registry.by_name(envelope.to_type)
+        except UnknownEntityType:
+            self._unknown(envelope)
+            return
+        resident = engine.resident(info, envelope.to_key)
+        if resident.queued >= engine.options.mailbox_size:
+            self.held[ref] = deque((envelope,))
+            return
+        self._enqueue(resident, envelope)
+
+    def _enqueue(self, resident: Resident, envelope: Envelope) -> None:
+        deliveries = resident.deliveries
+        if deliveries is None:
+            deliveries = resident.deliveries = set()
+        elif envelope.id in deliveries:
+            return  # delivered already, not applied yet: this copy adds nothing
+        deliveries.add(envelope.id)
+        call = _new_call(Call)
+        call.message = UNTYPED.decode(envelope.data)  # the receiver's own copy
+        call.future = SINK
+        call.idempotency_key = None
+        call.version = None
+        call.delivery = envelope
+        call.effects = None
+        mailbox = resident.mailbox
+        if mailbox is None:
+            resident.mailbox = [call]
+        else:
+            mailbox.append(call)
+        resident.queued += 1
+        self.stats["delivered"] += 1
+        if resident.phase == READY:
+            self.engine.schedule(resident)
+        if _faults.hook is not None:
+            _faults.point("delivered-before-commit")
+
+    def _hold(self, envelope: Envelope) -> None:
+        ref = (envelope.to_type, envelope.to_key)
+        held = self.held.get(ref)
+        if held is None:
+            self.held[ref] = deque((envelope,))
+        else:
+            held.append(envelope)
+
+    def flush(self, resident: Resident) -> None:
+        """The receiver made room: move held messages into its mailbox, in order."""
+        if resident.ref not in self._retry_at:
+            self._flush(resident.ref)
+
+    def _flush(self, ref: tuple[str, str]) -> None:
+        self._retry_at.pop(ref, None)
+        held = self.held.get(ref)
+        if held is None or self.closing:
+            return
+        engine = self.engine
+        try:
+            info = engine.registry.by_name(ref[0])
+        except UnknownEntityType:
+            for envelope in self.held.pop(ref):
+                self._unknown(envelope)
+            return
+        resident = engine.resident(info, ref[1])
+        room = engine.options.mailbox_size - resident.queued
+        while held and room > 0:
+            self._enqueue(resident, held.popleft())
+            room -= 1
+        if not held:
+            del self.held[ref]
+
+    def retry(self, resident: Resident, calls: list[Call]) -> None:
+        """These deliveries could not be applied now (not the handler's fault): try again later.
+
+        They go to the front of the receiver's held queue, in order, ahead of anything newer.
+        """
+        envelopes = [c.delivery for c in calls if c.delivery is not None]
+        if not envelopes:
+            return
+        self.forget(resident, [e.id for e in envelopes])
+        ref = resident.ref
+        held = self.held.setdefault(ref, deque())
+        held.extendleft(reversed(envelopes))
+        self.stats["redelivered"] += len(envelopes)
+        attempt = self._attempts.get(ref, 0)
+        self._attempts[ref] = attempt + 1
+        if ref not in self._retry_at and not self.closing:
+            delay = min(_FIRST_RETRY * 2**attempt, _LAST_RETRY)
+            self._retry_at[ref] = self.clock.call_later(delay, self._flush, ref)
+
+    @staticmethod
+    def forget(resident: Resident, ids: list[EnvelopeId]) -> None:
+        """These rows are no longer delivered to ``resident`` (applied, gone or retried)."""
+        deliveries = resident.deliveries
+        if deliveries is not None:
+            deliveries.difference_update(ids)
+            if not deliveries:
+                resident.deliveries = None
+
+    def _unknown(self, envelope: Envelope) -> None:
+        if envelope.to_type not in self._undeliverable:
+            self._undeliverable.add(envelope.to_type)
+            log.error(
+                "messages to %r stay in the outbox: this world has no entity type of that name",
+                envelope.to_type,
+            )
+
+    # ------------------------------------------------------------------ timers
+
+    def _add_timer(self, envelope: Envelope) -> None:
+        self._timers[envelope.id] = envelope
+        if envelope.name is not None:
+            self._names[(envelope.sender_type, envelope.sender_key, envelope.name)] = envelope.id
+        heapq.heappush(self._heap, (envelope.key(), envelope))
+        if envelope.due < self._wake_at:
+            self._set_wake()
+
+    def _drop_name(self, name: tuple[str, str, str]) -> None:
+        id = self._names.pop(name, None)
+        if id is not None:
+            self._timers.pop(id, None)
+
+    def _set_wake(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def run(self) -> None:
+        """The timer loop: fire due timers; every half horizon, bring the next rows in."""
+        loop = asyncio.get_running_loop()
+        next_scan = self.clock.wall() + self.horizon / 2
+        heap, timers = self._heap, self._timers
+        while not self.closing:
+            now = self.clock.wall()
+            if now >= next_scan:
+                next_scan = now + self.horizon / 2
+                with contextlib.suppress(PachydermError):  # storage away: try at the next one
+                    await self._scan(now + self.horizon)
+                continue  # time moved while it scanned
+            fired = 0
+            while heap and heap[0][0][0] <= now and fired < _FIRE_BATCH:
+                _, envelope = heapq.heappop(heap)
+                if timers.get(envelope.id) is not envelope:
+                    continue  # cancelled or replaced
+                del timers[envelope.id]
+                if envelope.name is not None:
+                    self._names.pop((envelope.sender_type, envelope.sender_key, envelope.name))
+                self.deliver(envelope)
+                fired += 1
+            if fired == _FIRE_BATCH:
+                # More are due: let the runner apply these first (memory stays bounded).
+                while self.engine.ready and not self.closing:  # noqa: ASYNC110 - one turn each
+                    await asyncio.sleep(0)
+                continue
+            self._wake_at = min(next_scan, heap[0][0][0] if heap else math.inf)
+            wake = self._wake = loop.create_future()
+            handle = self.clock.call_later(max(0.0, self._wake_at - now), _set_done, wake)
+            try:
+                await wake
+            finally:
+                handle.cancel()
+                self._wake_at = -math.inf
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "held": sum(len(h) for h in self.held.values()),
+            "timers_in_memory": len(self._timers),
+        }
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

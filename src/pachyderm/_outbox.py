@@ -1,0 +1,117 @@
+"""Effects into outbox rows: checked when a handler returns, gathered into an entity's write."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+from . import _faults
+from ._codec import UNTYPED
+from ._core._resident import Call, Resident
+from ._effects import After, Cancel, Send
+from ._errors import ActivationFailed, TooLarge, TooManyEffects
+from .backends._base import Consume, Envelope, Outbox, Write
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["effects_of", "faults_after_commit", "outbox_of"]
+
+#: The due time of a timer is never 0.0 (that marks a message to deliver at once).
+_LEAST_DUE: Final = 5e-324
+
+
+def effects_of(
+    engine: Engine, resident: Resident, effects: tuple[object, ...], version: int
+) -> list[Envelope | str] | None:
+    """Check an activation's effects; return its outbox rows and cancelled timer names.
+
+    Raises the named error of the first bad effect (the activation then fails whole).
+    """
+    if not effects:
+        return None
+    options = engine.options
+    if len(effects) > options.max_effects:
+        raise TooManyEffects(
+            f"the activation returned {len(effects)} effects; max_effects is {options.max_effects}"
+        )
+    info, key = resident.info, resident.key
+    out: list[Envelope | str] = []
+    wall: float | None = None
+    for index, effect in enumerate(effects):
+        kind = type(effect)
+        if kind is Cancel:
+            out.append(effect.name)  # type: ignore[attr-defined]
+            continue
+        if kind is Send:
+            to_info, to_key = engine.registry.resolve(effect.ref)  # type: ignore[attr-defined]
+            due, name = 0.0, None
+        elif kind is After:
+            to = effect.to  # type: ignore[attr-defined]
+            to_info, to_key = (info, key) if to is None else engine.registry.resolve(to)
+            if wall is None:
+                wall = engine.clock.wall()
+            due = max(wall + effect.seconds, _LEAST_DUE)  # type: ignore[attr-defined]
+            name = effect.name  # type: ignore[attr-defined]
+        else:
+            raise ActivationFailed(
+                f"{info.name}: an effect is made by pachyderm.send(), after() or cancel(); "
+                f"got {effect!r:.80}"
+            )
+        data = UNTYPED.encode(effect.message)  # type: ignore[attr-defined]
+        if len(data) > options.max_message_bytes:
+            raise TooLarge(
+                f"a message is {len(data)} bytes; max_message_bytes is {options.max_message_bytes}"
+            )
+        out.append(Envelope(info.name, key, version, index, to_info.name, to_key, due, name, data))
+    return out
+
+
+def outbox_of(calls: list[Call]) -> Outbox | None:
+    """The outbox part of one entity's write: what its calls consumed, sent and cancelled.
+
+    Effects apply in call order: a later named timer replaces an earlier one of this write, and
+    a cancel removes an earlier one of this write as well as the stored one.
+    """
+    sends: dict[object, Envelope] = {}  # by name (named timers) or by id
+    cancels: list[str] = []
+    consumes: list[Consume] = []
+    for call in calls:
+        delivery = call.delivery
+        if delivery is not None:
+            failed = call.version is None
+            consumes.append(
+                Consume(
+                    delivery.id,
+                    _dead_reason(call.result) if failed else None,
+                    delivery.due != 0.0,
+                )
+            )
+        for effect in call.effects or ():
+            if isinstance(effect, str):
+                sends.pop(("name", effect), None)
+                cancels.append(effect)
+            elif effect.name is not None:
+                slot = ("name", effect.name)
+                sends.pop(slot, None)  # keep the order of arming: the newest goes last
+                sends[slot] = effect
+            else:
+                sends[effect.id] = effect
+    if not (sends or cancels or consumes):
+        return None
+    return Outbox(tuple(sends.values()), tuple(cancels), tuple(consumes))
+
+
+def _dead_reason(error: object) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def faults_after_commit(writes: list[Write], outcome: Sequence[bool]) -> None:
+    """The crash points right after a commit returned (only when a test installed a hook)."""
+    for write, won in zip(writes, outcome, strict=True):
+        if won and write.outbox is not None:
+            if write.outbox.consumes:
+                _faults.point("receiver-committed")
+            if write.outbox.sends:
+                _faults.point("commit-before-dispatch")

@@ -1,0 +1,169 @@
+"""Durable timers: `after`, names, `cancel`, restarts and the horizon, all in virtual time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import pachyderm
+from pachyderm import Update, after, backends, cancel
+
+from ._vclock import VirtualClock
+from .test_messages import until
+
+MakeBackend = Callable[[], backends.Backend]
+
+
+class Alarm(pachyderm.Entity):
+    """("arm", seconds, text[, name]) arms a timer; ("cancel", name); any other message is kept."""
+
+    def init(self) -> list[Any]:
+        return []
+
+    def activate(self, message: Any, state: list[Any]) -> Any:
+        if isinstance(message, tuple) and message[0] == "arm":
+            _, seconds, text, *name = message
+            return Update(state, after(seconds, text, name=name[0] if name else None))
+        if isinstance(message, tuple) and message[0] == "cancel":
+            return Update(state, cancel(message[1]))
+        if isinstance(message, tuple) and message[0] == "remind":
+            _, seconds, key, text = message
+            return Update(state, after(seconds, text, to=(Alarm, key)))
+        return [*state, message]
+
+
+class Heartbeat(pachyderm.Entity):
+    """An active entity: once started, it re-arms its own timer on every beat."""
+
+    def init(self) -> int:
+        return 0
+
+    def activate(self, message: Any, state: int) -> Any:
+        if message == "stop":
+            return Update(state, cancel("beat"))
+        return Update(state + 1, after(1.0, "beat", name="beat"))
+
+
+ALL = [Alarm, Heartbeat]
+
+
+def timers(world: pachyderm.World) -> int:
+    return world.statistics()["outbox"]["timers"]  # type: ignore[index, no-any-return]
+
+
+async def settle(world: pachyderm.World) -> None:
+    await until(lambda: not world._engine.busy() and world.statistics()["held"] == 0)
+
+
+async def test_a_timer_fires_at_its_time_and_once(make_backend: MakeBackend) -> None:
+    clock = VirtualClock()
+    async with pachyderm.World(make_backend(), entities=ALL, clock=clock) as w:
+        ref = (Alarm, "a")
+        await w.activate(ref, ("arm", 30, "ring"))
+        assert timers(w) == 1
+        await clock.advance(29)
+        await settle(w)
+        assert await w.read(ref) == []
+        await clock.advance(1)
+        await until(lambda: timers(w) == 0)
+        await settle(w)
+        assert await w.read(ref) == ["ring"]
+        await clock.advance(3600)
+        await settle(w)
+        assert await w.read(ref) == ["ring"]
+        assert w.statistics()["timers_fired"] == 1
+
+
+async def test_a_named_timer_is_replaced_and_cancelled(make_backend: MakeBackend) -> None:
+    clock = VirtualClock()
+    async with pachyderm.World(make_backend(), entities=ALL, clock=clock) as w:
+        ref = (Alarm, "a")
+        await w.activate(ref, ("arm", 10, "first", "t"))
+        await w.activate(ref, ("arm", 20, "second", "t"))  # replaces "first"
+        await w.activate(ref, ("arm", 30, "other", "u"))
+        assert timers(w) == 2
+        await w.activate(ref, ("cancel", "u"))
+        assert timers(w) == 1
+        await clock.advance(15)
+        await settle(w)
+        assert await w.read(ref) == []
+        await clock.advance(100)
+        await until(lambda: timers(w) == 0)
+        await settle(w)
+        assert await w.read(ref) == ["second"]
+
+
+async def test_a_timer_can_go_to_another_entity(make_backend: MakeBackend) -> None:
+    clock = VirtualClock()
+    async with pachyderm.World(make_backend(), entities=ALL, clock=clock) as w:
+        await w.activate((Alarm, "a"), ("remind", 5, "b", "hello"))
+        await clock.advance(5)
+        await until(lambda: timers(w) == 0)
+        await settle(w)
+        assert await w.read((Alarm, "b")) == ["hello"]
+        assert await w.read((Alarm, "a")) == []
+
+
+async def test_an_active_entity_runs_on_its_own(make_backend: MakeBackend) -> None:
+    clock = VirtualClock()
+    async with pachyderm.World(make_backend(), entities=ALL, clock=clock) as w:
+        ref = (Heartbeat, "h")
+        assert await w.activate(ref, "start") == 1
+        for beat in range(2, 12):
+            await clock.advance(1)
+            await until(lambda beat=beat: w.statistics()["timers_fired"] == beat - 1)
+        await settle(w)
+        assert await w.read(ref) == 11  # ten beats, and nobody sent it anything
+        await w.activate(ref, "stop")
+        await clock.advance(10)
+        await settle(w)
+        assert await w.read(ref) == 11
+        assert timers(w) == 0
+
+
+async def test_overdue_timers_fire_once_after_a_restart(make_backend: MakeBackend) -> None:
+    clock = VirtualClock()
+    backend = make_backend()
+    async with pachyderm.World(backend, entities=ALL, clock=clock) as w:
+        await w.activate((Alarm, "a"), ("arm", 5, "one"))
+        await w.activate((Alarm, "a"), ("arm", 7, "two"))
+        await w.activate((Alarm, "b"), ("arm", 5000, "later"))
+    clock.now += 60  # the world was down while the first two came due
+    reopened = backend if isinstance(backend, backends.Memory) else make_backend()
+    async with pachyderm.World(reopened, entities=ALL, clock=clock) as w:
+        await until(lambda: timers(w) == 1)
+        await settle(w)
+        assert await w.read((Alarm, "a")) == ["one", "two"]  # in due order
+        assert w.statistics()["timers_fired"] == 2
+        await clock.advance(5000)
+        await until(lambda: timers(w) == 0)
+        await settle(w)
+        assert await w.read((Alarm, "b")) == ["later"]
+
+
+async def test_timers_beyond_the_horizon_wait_in_storage(make_backend: MakeBackend) -> None:
+    clock = VirtualClock()
+    async with pachyderm.World(make_backend(), entities=ALL, clock=clock, timer_horizon=10.0) as w:
+        await w.activate((Alarm, "a"), ("arm", 3, "near"))
+        await w.activate((Alarm, "a"), ("arm", 100, "far"))
+        assert w.statistics()["timers_in_memory"] == 1  # only the near one
+        await clock.advance(4)
+        await until(lambda: timers(w) == 1)
+        for _ in range(20):  # scans every half horizon bring the far one in on time
+            await clock.advance(5)
+            await settle(w)
+        await until(lambda: timers(w) == 0)
+        await settle(w)
+        assert await w.read((Alarm, "a")) == ["near", "far"]
+
+
+@pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf"), "5", True])
+async def test_bad_delays_are_refused(make_backend: MakeBackend, seconds: Any) -> None:
+    async with pachyderm.World(make_backend(), entities=ALL) as w:
+        with pytest.raises(pachyderm.InvalidOptions):
+            await w.activate((Alarm, "a"), ("arm", seconds, "x"))
+        with pytest.raises(pachyderm.InvalidOptions):
+            await w.activate((Alarm, "a"), ("arm", 1, "x", ""))
+        assert timers(w) == 0
