@@ -12,7 +12,7 @@ from ._core._follow import Channel
 from ._core._resident import READY, Call
 from ._engine import Engine
 from ._entity import MAX_KEY_BYTES, Entity, EntityInfo, Registry
-from ._errors import InvalidOptions, Overloaded, PachydermError, Unavailable
+from ._errors import InvalidOptions, Overloaded, Unavailable
 from ._follower import Follower
 from ._options import WorldOptions
 from .backends._base import Backend
