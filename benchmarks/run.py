@@ -126,13 +126,19 @@ def sqlite_ceiling(path: Path, keys: list[str], total: int, batch: int) -> float
         db.close()
 
 
-def report(name: str, unit: str, values: list[float], ceilings: list[float] | None = None) -> None:
+def report(
+    name: str,
+    unit: str,
+    values: list[float],
+    ceilings: list[float] | None = None,
+    peer: str = "ceiling",
+) -> None:
     med = statistics.median(values)
     line = f"{name}: median {med:,.0f} {unit} (min {min(values):,.0f}, max {max(values):,.0f})"
     if ceilings:
         ratios = [v / c for v, c in zip(values, ceilings, strict=True)]
         line += (
-            f"; ceiling median {statistics.median(ceilings):,.0f}; ratio median "
+            f"; {peer} median {statistics.median(ceilings):,.0f}; ratio median "
             f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})"
         )
     print(line, flush=True)

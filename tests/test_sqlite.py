@@ -468,7 +468,7 @@ async def test_a_schema_version_1_file_is_migrated_on_open(db: Path) -> None:
         assert await b.commit([write]) == [True]
         assert await b.due(0.0) == [send]
         assert b.outbox_counts() == {"messages": 1, "timers": 0, "dead": 0}
-    assert {"outbox", "outbox_by_due", "outbox_by_name"} <= _tables(db)
+    assert {"outbox", "outbox_timers_by_due", "outbox_by_name"} <= _tables(db)
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [
             (2,)

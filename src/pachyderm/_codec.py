@@ -92,6 +92,8 @@ class UntypedCodec:
             text: str = value.isoformat()  # type: ignore[attr-defined]
             return msgspec.msgpack.Ext(_DATETIME, text.encode())
         if kind is tuple:
+            if all(type(item) in _SCALARS for item in value):  # type: ignore[attr-defined]
+                return msgspec.msgpack.Ext(_TUPLE, self._encoder.encode(value))
             inner = [self._prepare(item) for item in value]  # type: ignore[attr-defined]
             return msgspec.msgpack.Ext(_TUPLE, self._encoder.encode(inner))
         if kind is dict:

@@ -154,10 +154,12 @@ class Dispatcher:
         """A write committed (the output gate): act on its outbox rows."""
         outbox = write.outbox
         assert outbox is not None
-        self._attempts.pop(resident.ref, None)  # its deliveries work (again)
-        if outbox.consumes:
-            self.forget(resident, [c.id for c in outbox.consumes])
-        for consume in outbox.consumes:
+        if self._attempts:
+            self._attempts.pop(resident.ref, None)  # its deliveries work (again)
+        consumes = outbox.consumes
+        if consumes:
+            self.forget(resident, [c.id for c in consumes])
+        for consume in consumes:
             if consume.dead is not None:
                 self.stats["dead_letters"] += 1
                 log.warning(

@@ -73,33 +73,34 @@ def outbox_of(calls: list[Call]) -> Outbox | None:
     Effects apply in call order: a later named timer replaces an earlier one of this write, and
     a cancel removes an earlier one of this write as well as the stored one.
     """
-    sends: dict[object, Envelope] = {}  # by name (named timers) or by id
+    sends: list[Envelope] = []
     cancels: list[str] = []
     consumes: list[Consume] = []
     for call in calls:
         delivery = call.delivery
         if delivery is not None:
-            failed = call.version is None
             consumes.append(
                 Consume(
                     delivery.id,
-                    _dead_reason(call.result) if failed else None,
+                    None if call.version is not None else _dead_reason(call.result),
                     delivery.due != 0.0,
                 )
             )
-        for effect in call.effects or ():
-            if isinstance(effect, str):
-                sends.pop(("name", effect), None)
+        effects = call.effects
+        if effects is None:
+            continue
+        for effect in effects:
+            if isinstance(effect, str):  # a cancel: also of a timer armed earlier in this write
+                sends = [e for e in sends if e.name != effect]
                 cancels.append(effect)
-            elif effect.name is not None:
-                slot = ("name", effect.name)
-                sends.pop(slot, None)  # keep the order of arming: the newest goes last
-                sends[slot] = effect
+            elif effect.name is not None:  # a named timer replaces one armed earlier here
+                sends = [e for e in sends if e.name != effect.name]
+                sends.append(effect)
             else:
-                sends[effect.id] = effect
+                sends.append(effect)
     if not (sends or cancels or consumes):
         return None
-    return Outbox(tuple(sends.values()), tuple(cancels), tuple(consumes))
+    return Outbox(tuple(sends), tuple(cancels), tuple(consumes))
 
 
 def _dead_reason(error: object) -> str:

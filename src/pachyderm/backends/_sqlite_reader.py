@@ -1,9 +1,10 @@
 """The SQLite backend's reader thread: loads, receipts, key listings and outbox pages, read-only.
 
 In WAL mode the reader's connection sees committed data only. The reads of one drain share one
-snapshot, and the loads among them share their queries. Outbox pages (``due``) are keyset pages
-on the index ``outbox_by_due``: each page starts after the key of the last row of the previous
-one, so rows committed while paging may or may not appear, and none appears twice.
+snapshot, and the loads among them share their queries. Outbox pages (``due``) are keyset pages:
+messages (due 0) in primary key order, then timers on the index ``outbox_timers_by_due``; each
+page starts after the key of the last row of the previous one, so rows committed while paging may
+or may not appear, and none appears twice.
 """
 
 from __future__ import annotations
@@ -50,18 +51,21 @@ _LIST_RANGE_ABOVE: Final = (
     " ORDER BY key LIMIT ?"
 )
 
-# Pages of the waiting rows in `Envelope.key()` order (on the index `outbox_by_due`).
-_DUE: Final = (
-    "SELECT sender_type, sender_key, version, idx, to_type, to_key, due, name, message"
-    " FROM outbox WHERE world = ? AND dead IS NULL AND due <= ?"
-    " ORDER BY due, sender_type, sender_key, version, idx LIMIT ?"
+# Pages of the waiting rows in `Envelope.key()` order: first the messages (due 0), in primary
+# key order; then the timers, on the index `outbox_timers_by_due`.
+_ROW: Final = "sender_type, sender_key, version, idx, to_type, to_key, due, name, message"
+_MESSAGES: Final = (
+    f"SELECT {_ROW} FROM outbox WHERE world = ? AND due = 0 AND dead IS NULL"  # noqa: S608 - constant
+    " AND (sender_type, sender_key, version, idx) > (?, ?, ?, ?)"
+    " ORDER BY sender_type, sender_key, version, idx LIMIT ?"
 )
-_DUE_AFTER: Final = (
-    "SELECT sender_type, sender_key, version, idx, to_type, to_key, due, name, message"
-    " FROM outbox WHERE world = ? AND dead IS NULL AND due <= ?"
+_TIMERS: Final = (
+    f"SELECT {_ROW} FROM outbox WHERE world = ? AND due > 0 AND dead IS NULL AND due <= ?"  # noqa: S608 - constant
     " AND (due, sender_type, sender_key, version, idx) > (?, ?, ?, ?, ?)"
     " ORDER BY due, sender_type, sender_key, version, idx LIMIT ?"
 )
+#: Before every key (sender types are never empty).
+_FIRST: Final = (0.0, "", "", 0, 0)
 
 _Answers = list[tuple[Loop, Outcome]]
 
@@ -194,10 +198,15 @@ class Reader(Worker):
     ) -> list[Envelope]:
         world = self.db.world
         if after is None:
-            rows = conn.execute(_DUE, (world, until, limit))
-        else:
-            rows = conn.execute(_DUE_AFTER, (world, until, *after, limit))
-        return [Envelope(*row) for row in rows]
+            after = _FIRST
+        out: list[Envelope] = []
+        if after[0] <= 0.0 and until >= 0.0:
+            out = [Envelope(*row) for row in conn.execute(_MESSAGES, (world, *after[1:], limit))]
+            after = _FIRST
+        if len(out) < limit:
+            rows = conn.execute(_TIMERS, (world, until, *after, limit - len(out)))
+            out += [Envelope(*row) for row in rows]
+        return out
 
     def exists(self, conn: sqlite3.Connection, ids: tuple[EnvelopeId, ...]) -> list[bool]:
         """Whether each outbox row is waiting: one query per chunk of ids."""

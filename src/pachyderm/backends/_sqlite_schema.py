@@ -45,9 +45,12 @@ _SCHEMA: Final = (
     " version INTEGER NOT NULL, idx INTEGER NOT NULL, to_type TEXT NOT NULL, to_key TEXT NOT NULL,"
     " due REAL NOT NULL, name TEXT NULL, message BLOB NOT NULL, dead TEXT NULL,"
     " PRIMARY KEY (world, sender_type, sender_key, version, idx)) WITHOUT ROWID",
-    # Paging of the rows waiting, in `Envelope.key()` order.
-    "CREATE INDEX IF NOT EXISTS outbox_by_due"
-    " ON outbox (world, due, sender_type, sender_key, version, idx) WHERE dead IS NULL",
+    # Paging of the timers waiting, in `Envelope.key()` order. Messages (due 0) are paged in the
+    # primary key's order, which is theirs: keeping them out of this index spares two B-tree
+    # changes per message (its insert and its consume).
+    "CREATE INDEX IF NOT EXISTS outbox_timers_by_due"
+    " ON outbox (world, due, sender_type, sender_key, version, idx)"
+    " WHERE dead IS NULL AND due > 0",
     # One waiting row per sender and name. Dead letters keep their name but leave the index (as
     # in Memory, a dead timer no longer holds its name): a new timer of that name can be stored.
     "CREATE UNIQUE INDEX IF NOT EXISTS outbox_by_name"
