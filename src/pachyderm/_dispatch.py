@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import math
 from collections import deque
@@ -89,7 +90,10 @@ class Dispatcher:
         self._attempts: dict[tuple[str, str], int] = {}
         self._retry_at: dict[tuple[str, str], Any] = {}
         # Timers due within the horizon: a heap by outbox key; `_timers` says which are live.
-        self._heap: list[tuple[tuple[float, str, str, int, int], Envelope]] = []
+        # (due, arrival number, envelope): timers of one due time fire in the order they came
+        # (a scan brings them in outbox order).
+        self._heap: list[tuple[float, int, Envelope]] = []
+        self._arrivals = itertools.count()
         self._timers: dict[EnvelopeId, Envelope] = {}
         self._names: dict[tuple[str, str, str], EnvelopeId] = {}
         self._until = -math.inf  # every row due up to here is in memory (or delivered)
@@ -305,10 +309,11 @@ class Dispatcher:
     # ------------------------------------------------------------------ timers
 
     def _add_timer(self, envelope: Envelope) -> None:
-        self._timers[envelope.id] = envelope
+        id = envelope.id
+        self._timers[id] = envelope
         if envelope.name is not None:
-            self._names[(envelope.sender_type, envelope.sender_key, envelope.name)] = envelope.id
-        heapq.heappush(self._heap, (envelope.key(), envelope))
+            self._names[(envelope.sender_type, envelope.sender_key, envelope.name)] = id
+        heapq.heappush(self._heap, (envelope.due, next(self._arrivals), envelope))
         if envelope.due < self._wake_at:
             self._set_wake()
 
@@ -335,8 +340,8 @@ class Dispatcher:
                     await self._scan(now + self.horizon)
                 continue  # time moved while it scanned
             fired = 0
-            while heap and heap[0][0][0] <= now and fired < _FIRE_BATCH:
-                _, envelope = heapq.heappop(heap)
+            while heap and heap[0][0] <= now and fired < _FIRE_BATCH:
+                envelope = heapq.heappop(heap)[2]
                 if timers.get(envelope.id) is not envelope:
                     continue  # cancelled or replaced
                 del timers[envelope.id]
@@ -349,7 +354,7 @@ class Dispatcher:
                 while self.engine.ready and not self.closing:  # noqa: ASYNC110 - one turn each
                     await asyncio.sleep(0)
                 continue
-            self._wake_at = min(next_scan, heap[0][0][0] if heap else math.inf)
+            self._wake_at = min(next_scan, heap[0][0] if heap else math.inf)
             wake = self._wake = loop.create_future()
             handle = self.clock.call_later(max(0.0, self._wake_at - now), _set_done, wake)
             try:
