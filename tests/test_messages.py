@@ -250,3 +250,69 @@ async def test_statistics_show_messages_that_wait_in_the_outbox(
     async with pachyderm.World(reopened, entities=ALL) as w:
         assert w.statistics()["outbox"]["messages"] <= 1  # the game goes on
         await until(lambda: w.statistics()["delivered"] > 3)
+
+
+class FlakyCommits(backends.Memory):
+    """Fails the commits that apply a message, on demand: `Unavailable`, or `Indeterminate`
+    after committing (the outcome was lost on the way back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail: list[BaseException] = []
+
+    async def commit(self, writes: Any) -> list[bool]:
+        if self.fail and any(w.outbox is not None and w.outbox.consumes for w in writes):
+            error = self.fail.pop(0)
+            if isinstance(error, pachyderm.Indeterminate):
+                await super().commit(writes)
+            raise error
+        return await super().commit(writes)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [pachyderm.Unavailable("disk away"), pachyderm.Indeterminate("lost reply")],
+    ids=["unavailable", "indeterminate"],
+)
+async def test_a_receiver_commit_that_fails_is_retried_in_order(error: Exception) -> None:
+    backend = FlakyCommits()
+    backend.fail = [error, error]
+    async with pachyderm.World(backend, entities=ALL) as w:
+
+        async def call(message: Any, key: str) -> None:
+            # The sender's write may share the failing commit: retry it, with its key.
+            while True:
+                try:
+                    await w.activate((Sender, "s"), message, idempotency_key=key)
+                    return
+                except (pachyderm.Unavailable, pachyderm.Indeterminate):
+                    await asyncio.sleep(0.001)
+
+        await call(("to", "l", [1, 2, 3]), "first")
+        await call(("to", "l", [4, 5]), "second")
+        await quiet(w)
+        assert await w.read((Ledger, "l")) == [1, 2, 3, 4, 5]  # once each, in order
+        assert w.statistics()["redelivered"] >= 1
+        assert w.statistics()["outbox"] == {"messages": 0, "timers": 0, "dead": 0}
+
+
+async def test_messages_wait_for_a_receiver_stored_by_a_newer_version() -> None:
+    backend = backends.Memory()
+
+    class LedgerV2(Ledger):
+        name = Ledger.name
+        version = 2
+
+    async with pachyderm.World(backend, entities=[LedgerV2]) as w:
+        await w.activate((LedgerV2, "l"), "from the future")
+    async with pachyderm.World(backend, entities=ALL) as w:  # an older node
+        await w.activate((Sender, "s"), ("to", "l", ["a", "b"]))
+        await asyncio.sleep(0.05)
+        stats = w.statistics()
+        # Not dead letters: the messages wait (held, retried) until a node can apply them.
+        assert stats["outbox"] == {"messages": 2, "timers": 0, "dead": 0}
+        assert stats["dead_letters"] == 0
+        assert stats["redelivered"] >= 2
+    async with pachyderm.World(backend, entities=[Sender, LedgerV2]) as w:  # upgraded
+        await quiet(w)
+        assert await w.read((LedgerV2, "l")) == ["from the future", "a", "b"]

@@ -32,6 +32,7 @@ import itertools
 import logging
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _faults
@@ -179,7 +180,11 @@ class Dispatcher:
         sender = (write.type_name, write.key)
         for name in outbox.cancels:
             self._drop_name((*sender, name))
-        for envelope in outbox.sends:
+        self.sent(sender, outbox.sends)
+
+    def sent(self, sender: tuple[str, str], sends: Sequence[Envelope]) -> None:
+        """These rows of ``sender`` are committed: deliver the messages, keep the near timers."""
+        for envelope in sends:
             if envelope.due == 0.0:
                 self.deliver(envelope)
                 continue

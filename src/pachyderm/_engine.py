@@ -41,7 +41,7 @@ from ._errors import (
 )
 from ._options import WorldOptions
 from ._outbox import effects_of, faults_after_commit, outbox_of
-from .backends._base import Backend, Receipt, Stored, Write
+from .backends._base import Backend, Envelope, Receipt, Stored, Write
 
 __all__ = ["Engine"]
 
@@ -90,6 +90,9 @@ class Engine:
             "passivated": 0,
         }
         self.ready: deque[Resident] = deque()
+        # Rows sent by writes whose outcome is unknown, by sender: dispatched after the sender's
+        # reload if they exist (they do if the write committed), before it commits anything else.
+        self.doubt: dict[tuple[str, str], list[Envelope]] = {}
         self._to_load: dict[tuple[str, str], Resident] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.run_waiter: asyncio.Future[None] | None = None
@@ -189,15 +192,27 @@ class Engine:
                 continue
             self.stats["loads"] += len(batch)
             recheck = [r for r in batch if r.recheck]
-            if recheck:
+            doubt = [r for r in batch if r.ref in self.doubt] if self.doubt else []
+            if recheck or doubt:
                 try:
                     await self._recheck(recheck)
+                    await self._resolve_doubt(doubt)
                 except PachydermError as exc:
                     for resident in batch:
                         self._fail_load(resident, exc)
                     continue
             for resident, row in zip(batch, rows, strict=True):
                 self._install(resident, row)
+
+    async def _resolve_doubt(self, residents: list[Resident]) -> None:
+        """After a commit of unknown outcome: dispatch the rows it sent, if it did commit."""
+        for resident in residents:
+            sends = self.doubt[resident.ref]
+            alive = await self.backend.exists([e.id for e in sends])
+            del self.doubt[resident.ref]
+            self.dispatcher.sent(
+                resident.ref, [e for e, ok in zip(sends, alive, strict=True) if ok]
+            )
 
     async def _recheck(self, residents: list[Resident]) -> None:
         """Drop the deliveries whose outbox row is gone (applied or cancelled meanwhile)."""
@@ -485,17 +500,16 @@ class Engine:
         self.stats["activations"] += tip - first
 
     def _refuse_batch(self, resident: Resident, batch: list[Call]) -> None:
-        pending = resident.pending
-        if pending is None:
-            pending = resident.pending = []
         batch = list(batch)
-        self._return_deliveries(resident, batch)
+        self._return_deliveries(resident, batch)  # they wait for a node that can apply them
         for call in batch:
             if call.future.done():
                 resident.queued -= 1
             else:
                 call.result = resident.error
-                pending.append(call)
+                if resident.pending is None:
+                    resident.pending = []
+                resident.pending.append(call)
 
     @staticmethod
     def _encode(info: EntityInfo, new: Any) -> tuple[bytes, Any]:
@@ -614,7 +628,9 @@ class Engine:
         try:
             outcome: Sequence[bool] = await self.backend.commit(writes)
         except Indeterminate as exc:
-            for resident in owners:
+            for write, resident in zip(writes, owners, strict=True):
+                if write.outbox is not None and write.outbox.sends:
+                    self.doubt.setdefault(resident.ref, []).extend(write.outbox.sends)
                 self._lost(resident, exc, reload=True)
             return
         except PachydermError as exc:
