@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -167,3 +168,42 @@ async def test_bad_delays_are_refused(make_backend: MakeBackend, seconds: Any) -
         with pytest.raises(pachyderm.InvalidOptions):
             await w.activate((Alarm, "a"), ("arm", 1, "x", ""))
         assert timers(w) == 0
+
+
+async def test_a_timer_cancelled_after_its_delivery_is_not_applied() -> None:
+    """The timer fires into a busy receiver's mailbox; its sender cancels it before it runs."""
+    gate = asyncio.Event()
+
+    class Busy(pachyderm.Entity):
+        name = "tests.timers.Busy"
+
+        def init(self) -> list[Any]:
+            return []
+
+        async def activate(self, message: Any, state: list[Any]) -> Any:
+            if message == "block":
+                await gate.wait()
+            return [*state, message]
+
+    class Boss(pachyderm.Entity):
+        name = "tests.timers.Boss"
+
+        def activate(self, message: Any, state: Any) -> Any:
+            if message == "arm":
+                return Update(state, after(5, "timer", to=(Busy, "b"), name="t"))
+            return Update(state, cancel("t"))
+
+    clock = VirtualClock()
+    async with pachyderm.World(backends.Memory(), entities=[Busy, Boss], clock=clock) as w:
+        await w.activate((Boss, "x"), "arm")
+        blocked = asyncio.create_task(w.activate((Busy, "b"), "block"))
+        await clock.settle()
+        await clock.advance(5)  # fires: the message waits behind "block"
+        await until(lambda: w.statistics()["delivered"] == 1)
+        await w.activate((Boss, "x"), "cancel")  # commits: the row is gone
+        gate.set()
+        assert await blocked == ["block"]
+        await settle(w)
+        assert await w.read((Busy, "b")) == ["block"]  # the delivered timer was not applied
+        assert timers(w) == 0
+        assert w.statistics()["conflicts"] >= 1  # its write lost: the row was gone
