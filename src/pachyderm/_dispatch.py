@@ -86,6 +86,7 @@ class Dispatcher:
         self.engine = engine
         self.clock = engine.clock
         self.horizon = engine.options.timer_horizon
+        self._mailbox_size = engine.options.mailbox_size
         # receiver ref -> envelopes waiting, in order, for room in its mailbox (or a retry).
         self.held: dict[tuple[str, str], deque[Envelope]] = {}
         self._attempts: dict[tuple[str, str], int] = {}
@@ -162,9 +163,10 @@ class Dispatcher:
         if self._attempts:
             self._attempts.pop(resident.ref, None)  # its deliveries work (again)
         consumes = outbox.consumes
-        if consumes:
-            self.forget(resident, [c.id for c in consumes])
+        deliveries = resident.deliveries
         for consume in consumes:
+            if deliveries is not None:
+                deliveries.discard(consume.id)
             if consume.dead is not None:
                 self.stats["dead_letters"] += 1
                 log.warning(
@@ -177,6 +179,8 @@ class Dispatcher:
                 )
             elif consume.timer:
                 self.stats["timers_fired"] += 1
+        if deliveries is not None and not deliveries:
+            resident.deliveries = None
         sender = (write.type_name, write.key)
         for name in outbox.cancels:
             self._drop_name((*sender, name))
@@ -200,29 +204,36 @@ class Dispatcher:
         if self.closing:
             return  # it stays in storage, for the next start
         ref = (envelope.to_type, envelope.to_key)
-        held = self.held.get(ref)
-        if held is not None:
-            held.append(envelope)
-            return
+        if self.held:
+            held = self.held.get(ref)
+            if held is not None:
+                held.append(envelope)
+                return
         engine = self.engine
-        try:
-            info = engine.registry.by_name(envelope.to_type)
-        except UnknownEntityType:
-            self._unknown(envelope)
-            return
-        resident = engine.resident(info, envelope.to_key)
-        if resident.queued >= engine.options.mailbox_size:
+        resident = engine.residents.get(ref)
+        if resident is None:
+            try:
+                info = engine.registry.by_name(envelope.to_type)
+            except UnknownEntityType:
+                self._unknown(envelope)
+                return
+            resident = engine.resident(info, envelope.to_key)
+        else:
+            resident.hot = True
+        if resident.queued >= self._mailbox_size:
             self.held[ref] = deque((envelope,))
             return
         self._enqueue(resident, envelope)
 
     def _enqueue(self, resident: Resident, envelope: Envelope) -> None:
+        id = envelope.id
         deliveries = resident.deliveries
         if deliveries is None:
-            deliveries = resident.deliveries = set()
-        elif envelope.id in deliveries:
+            resident.deliveries = {id}
+        elif id in deliveries:
             return  # delivered already, not applied yet: this copy adds nothing
-        deliveries.add(envelope.id)
+        else:
+            deliveries.add(id)
         call = _new_call(Call)
         call.message = UNTYPED.decode(envelope.data)  # the receiver's own copy
         call.future = SINK
@@ -268,7 +279,7 @@ class Dispatcher:
                 self._unknown(envelope)
             return
         resident = engine.resident(info, ref[1])
-        room = engine.options.mailbox_size - resident.queued
+        room = self._mailbox_size - resident.queued
         while held and room > 0:
             self._enqueue(resident, held.popleft())
             room -= 1
