@@ -91,10 +91,11 @@ class Dispatcher:
         self.held: dict[tuple[str, str], deque[Envelope]] = {}
         self._attempts: dict[tuple[str, str], int] = {}
         self._retry_at: dict[tuple[str, str], Any] = {}
-        # Timers due within the horizon: a heap by outbox key; `_timers` says which are live.
-        # (due, arrival number, envelope): timers of one due time fire in the order they came
-        # (a scan brings them in outbox order).
-        self._heap: list[tuple[float, int, Envelope]] = []
+        # Timers due within the horizon: a heap by due time; `_timers` says which are live.
+        # (due, arrival number, id): timers of one due time fire in the order they came (a scan
+        # brings them in outbox order). Only atoms in these tuples, so that the garbage
+        # collector stops tracking them: 100k timers then cost its full passes nothing.
+        self._heap: list[tuple[float, int, EnvelopeId]] = []
         self._arrivals = itertools.count()
         self._timers: dict[EnvelopeId, Envelope] = {}
         self._names: dict[tuple[str, str, str], EnvelopeId] = {}
@@ -329,7 +330,7 @@ class Dispatcher:
         self._timers[id] = envelope
         if envelope.name is not None:
             self._names[(envelope.sender_type, envelope.sender_key, envelope.name)] = id
-        heapq.heappush(self._heap, (envelope.due, next(self._arrivals), envelope))
+        heapq.heappush(self._heap, (envelope.due, next(self._arrivals), id))
         if envelope.due < self._wake_at:
             self._set_wake()
 
@@ -357,12 +358,13 @@ class Dispatcher:
                 continue  # time moved while it scanned
             fired = 0
             while heap and heap[0][0] <= now and fired < _FIRE_BATCH:
-                envelope = heapq.heappop(heap)[2]
-                if timers.get(envelope.id) is not envelope:
+                envelope = timers.pop(heapq.heappop(heap)[2], None)
+                if envelope is None:
                     continue  # cancelled or replaced
-                del timers[envelope.id]
                 if envelope.name is not None:
-                    self._names.pop((envelope.sender_type, envelope.sender_key, envelope.name))
+                    self._names.pop(
+                        (envelope.sender_type, envelope.sender_key, envelope.name), None
+                    )
                 self.deliver(envelope)
                 fired += 1
             if fired == _FIRE_BATCH:
