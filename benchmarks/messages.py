@@ -117,12 +117,27 @@ async def chain_once(make: Callable[[str], backends.Backend], n: int) -> tuple[f
 
 async def pingpong_once(
     make: Callable[[str], backends.Backend], pairs: int, hits: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
+    """Ping-pong, and two peers of plain activations over the same 2000 entities.
+
+    The random peer: 1000 callers on random keys (two callers may hit one entity, and then
+    share its write). The paired peer: caller i alternates between its own two entities a_i and
+    b_i, one call at a time, as the ball of pair i does: the same concurrency, the same keys and
+    one write per activation.
+    """
     async with pachyderm.World(make("plain"), entities=ENTITIES) as w:
         keys = [f"k{i}" for i in range(2 * pairs)]
         for i in range(0, len(keys), 1000):
             await asyncio.gather(*(w.activate((Counter, k), "x") for k in keys[i : i + 1000]))
         plain = await drive(lambda ref: w.activate(ref, "x"), keys, pairs, pairs * hits)
+
+        async def caller(i: int) -> None:
+            for hit in range(hits):
+                await w.activate((Counter, keys[2 * i + hit % 2]), "x")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(i) for i in range(pairs)))
+        paired = pairs * hits / (time.perf_counter() - started)
     async with pachyderm.World(make("pingpong"), entities=ENTITIES) as w:
         started = time.perf_counter()
         await asyncio.gather(
@@ -131,7 +146,7 @@ async def pingpong_once(
         await wait_for(w, "delivered", pairs * hits)
         await wait_for(w, "activations", pairs * (hits + 1))
         rate = pairs * hits / (time.perf_counter() - started)
-    return rate, plain
+    return rate, plain, paired
 
 
 class Later(SystemClock):
@@ -176,13 +191,16 @@ async def scenario_chain(runs: int, quick: bool) -> None:
 async def scenario_pingpong(runs: int, quick: bool) -> None:
     pairs, hits = 1000, (20 if quick else 100)
     for kind in ("memory", "sqlite"):
-        got, peer = [], []
+        got, peer, paired = [], [], []
         for _ in range(runs):
             with tempfile.TemporaryDirectory() as folder:
-                rate, plain = await pingpong_once(backend_maker(kind, folder), pairs, hits)
+                rate, plain, pair = await pingpong_once(backend_maker(kind, folder), pairs, hits)
             got.append(rate)
             peer.append(plain)
-        report(f"{pairs} ping-pong pairs, {kind}", "messages/s", got, peer, "plain activations")
+            paired.append(pair)
+        name = f"{pairs} ping-pong pairs, {kind}"
+        report(name, "messages/s", got, peer, "plain activations, random keys")
+        report(name, "messages/s", got, paired, "plain activations, paired keys")
 
 
 async def scenario_timers(runs: int, quick: bool) -> None:
