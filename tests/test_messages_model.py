@@ -23,6 +23,9 @@ from pachyderm._dispatch import Dispatcher
 from .test_messages import quiet
 
 KEYS = ["a", "b", "c"]
+# Taken once, here: the fixture `monkeypatch` lives across Hypothesis's examples, so taking it
+# in the test would wrap the wrapper of the previous example (deliveries would multiply).
+_DELIVER = Dispatcher.deliver
 _files = itertools.count()
 
 
@@ -77,7 +80,7 @@ def test_every_message_is_applied_once_and_in_order_per_pair(
     rounds: list[list[tuple[str, list[tuple[str, int]]]]],
     duplicate: bool,
 ) -> None:
-    original = Dispatcher.deliver
+    original = _DELIVER
 
     def deliver(self: Dispatcher, envelope: Any) -> None:
         original(self, envelope)
