@@ -19,8 +19,8 @@ apply a message twice. What the dispatcher adds is liveness and order:
 - **Dead letters.** A delivered message whose handler fails (``ActivationFailed``, ``Rejected``,
   ...) is consumed as a dead letter: kept in storage, counted, logged, never delivered again.
 
-Mutable state, on the event loop only: ``held``, ``_heap``/``_timers``/``_names`` (timers in
-memory), ``_horizon``, ``stats``.
+Mutable state, on the event loop only: ``held``, ``doubt``, ``_heap``/``_timers``/``_names``
+(timers in memory), ``_until``, ``stats``.
 """
 
 from __future__ import annotations
@@ -105,6 +105,9 @@ class Dispatcher:
         self.closing = False
         self.recovered = False
         self._undeliverable: set[str] = set()
+        # Rows sent by writes whose outcome is unknown, by sender: dispatched after the sender's
+        # reload if they exist (they do if the write committed), before it commits anything else.
+        self.doubt: dict[tuple[str, str], list[Envelope]] = {}
         self.stats = {"delivered": 0, "timers_fired": 0, "dead_letters": 0, "redelivered": 0}
 
     # ------------------------------------------------------------------ start and stop
@@ -322,6 +325,63 @@ class Dispatcher:
                 "messages to %r stay in the outbox: this world has no entity type of that name",
                 envelope.to_type,
             )
+
+    # ------------------------------------------------------------------ after a failure
+
+    def take_back(self, resident: Resident, failed: list[Call]) -> None:
+        """Deliveries among ``failed`` could not be applied (not the handler's fault).
+
+        They, and every other delivery this resident holds (so that none overtakes them), go to
+        the front of its held queue, in order, to be retried. ``failed`` keeps the others.
+        """
+        if not any(c.delivery is not None for c in failed):
+            return
+        mine = [c for c in failed if c.delivery is not None]
+        failed[:] = [c for c in failed if c.delivery is None]
+        for name in ("pending", "mailbox"):
+            calls = getattr(resident, name)
+            if calls and any(c.delivery is not None for c in calls):
+                mine += [c for c in calls if c.delivery is not None]
+                rest = [c for c in calls if c.delivery is None]
+                setattr(resident, name, rest or None)
+        resident.queued -= len(mine)
+        self.retry(resident, mine)
+
+    def in_doubt(self, residents: list[Resident]) -> list[Resident]:
+        """Those of ``residents`` (being loaded) that sent rows in a commit of unknown outcome."""
+        return [r for r in residents if r.ref in self.doubt] if self.doubt else []
+
+    async def resolve_doubt(self, residents: list[Resident]) -> None:
+        """After a commit of unknown outcome: dispatch the rows it sent, if it did commit."""
+        for resident in residents:
+            sends = self.doubt[resident.ref]
+            alive = await self.engine.backend.exists([e.id for e in sends])
+            del self.doubt[resident.ref]
+            self.sent(resident.ref, [e for e, ok in zip(sends, alive, strict=True) if ok])
+
+    async def recheck(self, residents: list[Resident]) -> None:
+        """Drop the deliveries whose outbox row is gone (applied or cancelled meanwhile).
+
+        Called after a lost write, before its reruns: one ``exists`` for all their deliveries.
+        """
+        for resident in residents:
+            resident.recheck = False
+        waiting = [
+            (resident, call)
+            for resident in residents
+            for call in resident.mailbox or ()
+            if call.delivery is not None
+        ]
+        if not waiting:
+            return
+        alive = await self.engine.backend.exists([c.delivery.id for _, c in waiting])  # type: ignore[union-attr]
+        gone = [(r, c) for (r, c), ok in zip(waiting, alive, strict=True) if not ok]
+        for resident in dict.fromkeys(r for r, _ in gone):  # in order: deterministic
+            drop = {id(c) for r, c in gone if r is resident}
+            mailbox = resident.mailbox or []
+            resident.mailbox = [c for c in mailbox if id(c) not in drop] or None
+            resident.queued -= len(mailbox) - len(resident.mailbox or ())
+            self.forget(resident, [c.delivery.id for r, c in gone if r is resident])  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ timers
 

@@ -41,7 +41,7 @@ from ._errors import (
 )
 from ._options import WorldOptions
 from ._outbox import effects_of, faults_after_commit, outbox_of
-from .backends._base import Backend, Envelope, Receipt, Stored, Write
+from .backends._base import Backend, Receipt, Stored, Write
 
 __all__ = ["Engine"]
 
@@ -90,9 +90,6 @@ class Engine:
             "passivated": 0,
         }
         self.ready: deque[Resident] = deque()
-        # Rows sent by writes whose outcome is unknown, by sender: dispatched after the sender's
-        # reload if they exist (they do if the write committed), before it commits anything else.
-        self.doubt: dict[tuple[str, str], list[Envelope]] = {}
         self._to_load: dict[tuple[str, str], Resident] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.run_waiter: asyncio.Future[None] | None = None
@@ -192,11 +189,11 @@ class Engine:
                 continue
             self.stats["loads"] += len(batch)
             recheck = [r for r in batch if r.recheck]
-            doubt = [r for r in batch if r.ref in self.doubt] if self.doubt else []
+            doubt = self.dispatcher.in_doubt(batch)
             if recheck or doubt:
                 try:
-                    await self._recheck(recheck)
-                    await self._resolve_doubt(doubt)
+                    await self.dispatcher.recheck(recheck)
+                    await self.dispatcher.resolve_doubt(doubt)
                 except PachydermError as exc:
                     for resident in batch:
                         self._fail_load(resident, exc)
@@ -204,62 +201,14 @@ class Engine:
             for resident, row in zip(batch, rows, strict=True):
                 self._install(resident, row)
 
-    async def _resolve_doubt(self, residents: list[Resident]) -> None:
-        """After a commit of unknown outcome: dispatch the rows it sent, if it did commit."""
-        for resident in residents:
-            sends = self.doubt[resident.ref]
-            alive = await self.backend.exists([e.id for e in sends])
-            del self.doubt[resident.ref]
-            self.dispatcher.sent(
-                resident.ref, [e for e, ok in zip(sends, alive, strict=True) if ok]
-            )
-
-    async def _recheck(self, residents: list[Resident]) -> None:
-        """Drop the deliveries whose outbox row is gone (applied or cancelled meanwhile)."""
-        calls = [
-            (resident, call)
-            for resident in residents
-            for call in resident.mailbox or ()
-            if call.delivery is not None
-        ]
-        for resident in residents:
-            resident.recheck = False
-        if not calls:
-            return
-        alive = await self.backend.exists([c.delivery.id for _, c in calls])  # type: ignore[union-attr]
-        for (resident, call), ok in zip(calls, alive, strict=True):
-            if not ok and resident.mailbox is not None and call in resident.mailbox:
-                resident.mailbox.remove(call)
-                resident.queued -= 1
-                self.dispatcher.forget(resident, [call.delivery.id])  # type: ignore[union-attr]
-
     def _fail_load(self, resident: Resident, exc: BaseException) -> None:
         if self.residents.get(resident.ref) is resident:
             del self.residents[resident.ref]
         calls, resident.mailbox = resident.mailbox or [], None
-        self._return_deliveries(resident, calls)
+        self.dispatcher.take_back(resident, calls)
         for call in calls:
             self._answer(resident, call, exc)
         self._wake_loaded(resident, exc)
-
-    def _return_deliveries(self, resident: Resident, failed: list[Call]) -> None:
-        """Deliveries among ``failed`` could not be applied (not the handler's fault).
-
-        They, and every other delivery this resident holds (so that none overtakes them), go
-        back to the dispatcher, which retries them in order. ``failed`` keeps the others.
-        """
-        if not any(c.delivery is not None for c in failed):
-            return
-        mine = [c for c in failed if c.delivery is not None]
-        failed[:] = [c for c in failed if c.delivery is None]
-        for name in ("pending", "mailbox"):
-            calls = getattr(resident, name)
-            if calls and any(c.delivery is not None for c in calls):
-                mine += [c for c in calls if c.delivery is not None]
-                rest = [c for c in calls if c.delivery is None]
-                setattr(resident, name, rest or None)
-        resident.queued -= len(mine)
-        self.dispatcher.retry(resident, mine)
 
     def _wake_loaded(self, resident: Resident, exc: BaseException | None = None) -> None:
         waiters, resident.loaded = resident.loaded, None
@@ -501,7 +450,7 @@ class Engine:
 
     def _refuse_batch(self, resident: Resident, batch: list[Call]) -> None:
         batch = list(batch)
-        self._return_deliveries(resident, batch)  # they wait for a node that can apply them
+        self.dispatcher.take_back(resident, batch)  # they wait for a node that can apply them
         for call in batch:
             if call.future.done():
                 resident.queued -= 1
@@ -597,7 +546,7 @@ class Engine:
         error.__cause__ = exc
         failed = [*(resident.pending or ()), *batch]
         resident.pending = None
-        self._return_deliveries(resident, failed)
+        self.dispatcher.take_back(resident, failed)
         for call in failed:
             if call.idempotency_key is not None:
                 self._forget(resident, call, error)
@@ -630,7 +579,7 @@ class Engine:
         except Indeterminate as exc:
             for write, resident in zip(writes, owners, strict=True):
                 if write.outbox is not None and write.outbox.sends:
-                    self.doubt.setdefault(resident.ref, []).extend(write.outbox.sends)
+                    self.dispatcher.doubt.setdefault(resident.ref, []).extend(write.outbox.sends)
                 self._lost(resident, exc, reload=True)
             return
         except PachydermError as exc:
@@ -712,7 +661,7 @@ class Engine:
     def _lost(self, resident: Resident, exc: PachydermError, *, reload: bool) -> None:
         """Nothing of the write committed (or we do not know): fail its calls, rerun the rest."""
         inflight, resident.inflight = resident.inflight or [], None
-        self._return_deliveries(resident, inflight)
+        self.dispatcher.take_back(resident, inflight)
         for call in inflight:
             self._answer(resident, call, exc)
         if reload or resident.pending:
