@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _faults
 from ._codec import UNTYPED
-from ._core._resident import READY, Call, Resident
+from ._core._resident import Call, Resident
 from ._errors import PachydermError, UnknownEntityType
 from .backends._base import Envelope, EnvelopeId, Write
 
@@ -245,15 +245,8 @@ class Dispatcher:
         call.version = None
         call.delivery = envelope
         call.effects = None
-        mailbox = resident.mailbox
-        if mailbox is None:
-            resident.mailbox = [call]
-        else:
-            mailbox.append(call)
-        resident.queued += 1
+        self.engine.post(resident, call)
         self.stats["delivered"] += 1
-        if resident.phase == READY:
-            self.engine.schedule(resident)
         if _faults.hook is not None:
             _faults.point("delivered-before-commit")
 

@@ -276,6 +276,20 @@ class Engine:
 
     # ------------------------------------------------------------------ running
 
+    def post(self, resident: Resident, call: Call) -> None:
+        """Queue an accepted call in the mailbox; the runner takes it on its next turn.
+
+        ``World.activate`` does the same inline (its hot path); change both together.
+        """
+        mailbox = resident.mailbox
+        if mailbox is None:
+            resident.mailbox = [call]
+        else:
+            mailbox.append(call)
+        resident.queued += 1
+        if resident.phase == READY:
+            self.schedule(resident)
+
     def schedule(self, resident: Resident) -> None:
         if resident.scheduled:
             return

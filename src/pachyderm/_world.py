@@ -212,6 +212,7 @@ class World:
             if resident.idempotent is None:
                 resident.idempotent = {}
             resident.idempotent[idempotency_key] = (call, loop.create_future())
+        # Inlined `engine.post(resident, call)` (the hot path).
         mailbox = resident.mailbox
         if mailbox is None:
             resident.mailbox = [call]
