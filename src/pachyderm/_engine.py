@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from . import _faults
@@ -78,7 +78,9 @@ class Engine:
         # The CLOCK hand of passivation: every resident once, oldest first. An access only sets
         # `resident.hot` (no reordering on the hot path); the hand gives hot ones a second chance.
         self.order: deque[Resident] = deque()
-        self.channels: dict[tuple[str, str], set[Channel]] = {}
+        # Followers by entity; a dict used as an ordered set, so that they are told in the order
+        # they subscribed (a set of objects would order them by address: runs would not replay).
+        self.channels: dict[tuple[str, str], dict[Channel, None]] = {}
         self.commits: set[asyncio.Task[None]] = set()
         self.stats = {
             "activations": 0,
@@ -99,6 +101,10 @@ class Engine:
         self._turn_budget = options.turn_budget
         self._max_state_bytes = options.max_state_bytes
         self.dispatcher = Dispatcher(self)
+        #: Told of every answered or applied call: ``observer(resident, calls, error)``, with
+        #: ``error`` None once they committed (or failed with nothing to commit), else the
+        #: commit's error. None outside a simulation (``pachyderm.testing`` records history).
+        self.observer: Callable[[Resident, list[Call], PachydermError | None], None] | None = None
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
@@ -348,6 +354,8 @@ class Engine:
                 else:
                     outbox = None
                 if resident.tip_version == resident.version and outbox is None:
+                    if self.observer is not None:
+                        self.observer(resident, pending, None)
                     for call in pending:  # only failures: nothing to commit or wait for
                         self._answer(resident, call, call.result)
                     continue
@@ -612,6 +620,7 @@ class Engine:
         schedule = self.schedule
         dispatcher = self.dispatcher
         held = dispatcher.held
+        observer = self.observer
         if _faults.hook is not None:
             faults_after_commit(writes, outcome)
         for write, resident, won in zip(writes, owners, outcome, strict=True):
@@ -625,6 +634,8 @@ class Engine:
                 resident.version = write.version
                 resident.data = write.data
             resident.used = now
+            if observer is not None:
+                observer(resident, inflight, None)
             if write.outbox is not None:
                 dispatcher.committed(resident, write)
             if channels and resident.ref in channels:
@@ -648,7 +659,7 @@ class Engine:
                 dispatcher.flush(resident)
 
     @staticmethod
-    def _notify(channels: set[Channel], calls: list[Call]) -> None:
+    def _notify(channels: dict[Channel, None], calls: list[Call]) -> None:
         """Push the committed versions of ``calls`` to an entity's followers, in order."""
         for call in calls:
             version = call.version
@@ -675,6 +686,8 @@ class Engine:
     def _lost(self, resident: Resident, exc: PachydermError, *, reload: bool) -> None:
         """Nothing of the write committed (or we do not know): fail its calls, rerun the rest."""
         inflight, resident.inflight = resident.inflight or [], None
+        if self.observer is not None and inflight:
+            self.observer(resident, inflight, exc)
         self.dispatcher.take_back(resident, inflight)
         for call in inflight:
             self._answer(resident, call, exc)

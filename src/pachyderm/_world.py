@@ -376,12 +376,12 @@ class World:
             # Older (the versions between are not kept) or newer than stored (the storage was
             # replaced): the current state, so the follower is never stuck or silent.
             channel.push(resident.version, resident.data)
-        self._engine.channels.setdefault(ref, set()).add(channel)
+        self._engine.channels.setdefault(ref, {})[channel] = None
         return channel, info.codec.decode
 
     def _unsubscribe(self, ref: tuple[str, str], channel: Channel) -> None:
         channels = self._engine.channels.get(ref)
         if channels is not None:
-            channels.discard(channel)
+            channels.pop(channel, None)
             if not channels:
                 del self._engine.channels[ref]

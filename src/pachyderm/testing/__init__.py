@@ -1,9 +1,20 @@
-"""Testing tools: the backend contract, for the project's backends and for third-party ones.
+"""Testing tools: a deterministic simulation of a world, and the backend contract.
 
-``await check_backend(make_backend, reopen=...)`` runs the whole contract and raises
-``ContractViolation`` naming the failing cases.
-``backend_cases()`` lists the same cases as ``(name, run)`` pairs, for a test framework to
-parametrize over. Nothing here imports a test framework.
+The simulation (see ``docs/testing.md``):
+
+- ``Simulation(entities=[...], seed=...)`` runs the real world runtime on the memory backend, in
+  virtual time, with a seeded scheduler and faults on demand (``Faults``, ``duplicate()``,
+  ``delay()``, ``crash_commit()``, ``restart()``); its calls are plain functions.
+- ``explore(setup, entities=..., max_depth=..., max_runs=...)`` runs a scenario under every
+  delivery order and returns the distinct final worlds (``Exploration``, ``FinalWorld``).
+- ``schedules()`` is a Hypothesis strategy of seeds and faults (Hypothesis is imported only when
+  it is called); the ``sim`` fixture comes with the pytest plugin (``testing.pytest_plugin``).
+
+The backend contract: ``await check_backend(make_backend, reopen=...)`` runs the whole contract
+and raises ``ContractViolation`` naming the failing cases; ``backend_cases()`` lists the same
+cases as ``(name, run)`` pairs, for a test framework to parametrize over.
+
+Nothing here imports a test framework at import time.
 """
 
 from __future__ import annotations
@@ -16,8 +27,31 @@ from ._contract import ContractViolation as ContractViolation
 from ._contract import Reopen as Reopen
 from ._contract import backend_cases as backend_cases
 from ._contract import check_backend as check_backend
+from ._explore import Exploration as Exploration
+from ._explore import FinalWorld as FinalWorld
+from ._explore import Schedule as Schedule
+from ._explore import explore as explore
+from ._network import Faults as Faults
+from ._simulation import Pending as Pending
+from ._simulation import Recording as Recording
+from ._simulation import Simulation as Simulation
+from ._simulation import SimulationError as SimulationError
+from ._simulation import Step as Step
+from ._strategies import schedules as schedules
 
 __all__ = [
+    # the simulation
+    "Simulation",
+    "Faults",
+    "Pending",
+    "Recording",
+    "Step",
+    "SimulationError",
+    "explore",
+    "Exploration",
+    "FinalWorld",
+    "Schedule",
+    "schedules",
     # the backend contract
     "check_backend",
     "backend_cases",
