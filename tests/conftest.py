@@ -9,6 +9,9 @@ import pytest
 
 from pachyderm import backends
 
+# The `sim` fixture, as a user enables it.
+pytest_plugins = ["pachyderm.testing.pytest_plugin"]
+
 BACKENDS = ("memory", "sqlite")
 
 

@@ -8,7 +8,7 @@ The simulation (see ``docs/testing.md``):
 - ``explore(setup, entities=..., max_depth=..., max_runs=...)`` runs a scenario under every
   delivery order and returns the distinct final worlds (``Exploration``, ``FinalWorld``).
 - ``schedules()`` is a Hypothesis strategy of seeds and faults (Hypothesis is imported only when
-  it is called); the ``sim`` fixture comes with the pytest plugin (``testing.pytest_plugin``).
+  it is called); the ``sim`` fixture is in the pytest plugin ``pachyderm.testing.pytest_plugin``.
 
 The backend contract: ``await check_backend(make_backend, reopen=...)`` runs the whole contract
 and raises ``ContractViolation`` naming the failing cases; ``backend_cases()`` lists the same

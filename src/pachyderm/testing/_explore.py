@@ -155,11 +155,12 @@ def explore(
             world.schedules.append(Schedule(tuple(schedule.choices), tuple(sim.network.log or ())))
         runs += 1
         deepest = max(deepest, len(schedule.choices))
-        prefix = None if sample else _next_prefix(schedule, max_depth)
+        if not sample:
+            prefix = _next_prefix(schedule, max_depth)
     return Exploration(
         worlds=list(worlds.values()),
         runs=runs,
-        complete=not sample and prefix is None,
+        complete=prefix is None,
         max_choice_points=deepest,
         seconds=time.perf_counter() - started,
     )

@@ -1,7 +1,10 @@
 """The pytest plugin: a ``sim`` fixture, its seed, and the seed in every failing test's report.
 
-pytest loads it by itself when pachyderm is installed (entry point ``pytest11``); nothing else
-imports it, so pytest stays out of the library's dependencies.
+Enable it in a ``conftest.py`` with ``pytest_plugins = ["pachyderm.testing.pytest_plugin"]`` (or
+``pytest -p pachyderm.testing.pytest_plugin``). Nothing else imports it, so pytest stays out of the
+library's dependencies. (It is not registered as an automatic ``pytest11`` plugin: pytest would
+then rewrite the asserts of the whole ``pachyderm`` package in every test run that has it
+installed.)
 
 - ``sim``: a ``Simulation``, closed after the test. Its entity types and other arguments come from
   the marker ``@pytest.mark.simulation(entities=[...], faults=..., **world_options)``.
