@@ -98,7 +98,8 @@ def test_calls_run_the_real_world() -> None:
         assert sim.list(Counter) == ["c"]
         history = sim.history(counter)
         assert [m for m, _ in history] == ["inc", "inc", "boom"]
-        assert history[0][1] == 1 and history[1][1] == 2
+        assert history[0][1] == 1
+        assert history[1][1] == 2
         assert isinstance(history[2][1], pachyderm.ActivationFailed)
         assert [s.version for s in sim.steps(counter)] == [1, 2, None]
         assert sim.statistics()["activations"] == 2
@@ -132,7 +133,8 @@ def test_a_timer_an_hour_away_fires_at_once_in_run() -> None:
         alarm = (Alarm, "a")
         sim.activate(alarm, "arm")
         sim.run_until_idle()
-        assert sim.read(alarm) == {"rang": 0} and sim.now == 0.0
+        assert sim.read(alarm) == {"rang": 0}
+        assert sim.now == 0.0
         sim.run()
         assert sim.read(alarm) == {"rang": 1}
         assert sim.now == pytest.approx(3600.0)
@@ -226,7 +228,8 @@ def test_a_seed_replays_in_another_process_with_other_hash_seeds() -> None:
         outputs.add(done.stdout)
     assert len(outputs) == 1, outputs
     digest, steps, faults = outputs.pop().split()
-    assert int(steps) > 20 and int(faults) > 0
+    assert int(steps) > 20
+    assert int(faults) > 0
     here = _scenario(11, FAULTS)
     assert hashlib.sha256(repr(here).encode()).hexdigest() == digest
 
@@ -249,7 +252,8 @@ def test_a_crash_after_the_commit_loses_only_the_reply() -> None:
             sim.activate((Counter, "c"), "inc", idempotency_key="k1")
         assert sim.read((Counter, "c")) == 1
         step = sim.steps((Counter, "c"))[-1]
-        assert step.version == 1 and step.reply_lost
+        assert step.version == 1
+        assert step.reply_lost
         # The caller retries with the same key: the receipt answers, nothing runs twice.
         assert sim.activate((Counter, "c"), "inc", idempotency_key="k1") == 1
         assert sim.read((Counter, "c")) == 1
@@ -270,7 +274,8 @@ def test_restart_keeps_what_committed_and_followers_resume() -> None:
         sim.run()  # the timer armed before the crash fires after it
         assert sim.read((Alarm, "a")) == {"rang": 1}
         assert seen.items == [(0, 0), (1, 1), (2, 2)]  # no gap, no repeat across the restart
-        assert sim.restarts == 1 and "restart" in sim.injected[-1]
+        assert sim.restarts == 1
+        assert "restart" in sim.injected[-1]
 
 
 def test_on_demand_delay_lets_other_pairs_overtake() -> None:
@@ -279,9 +284,11 @@ def test_on_demand_delay_lets_other_pairs_overtake() -> None:
         late = sim.submit((Counter, "late"), "inc")
         early = sim.submit((Counter, "early"), "inc")
         sim.run_until_idle()
-        assert early.done() and not late.done()
+        assert early.done()
+        assert not late.done()
         sim.run()
-        assert late.result() == 1 and sim.now == pytest.approx(5.0)
+        assert late.result() == 1
+        assert sim.now == pytest.approx(5.0)
 
 
 def test_bad_input_gets_named_errors() -> None:
@@ -304,13 +311,19 @@ def test_bad_input_gets_named_errors() -> None:
 
 
 def test_a_failing_block_prints_the_seed_and_the_faults(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(AssertionError), Simulation(ENTITIES, seed=4242) as sim:
-        sim.crash_commit()
-        with pytest.raises(pachyderm.Indeterminate):
-            sim.activate((Counter, "c"), "inc")
-        raise AssertionError("the test failed")
+    def failing_test() -> None:
+        with Simulation(ENTITIES, seed=4242) as sim:
+            sim.crash_commit()
+            with pytest.raises(pachyderm.Indeterminate):
+                sim.activate((Counter, "c"), "inc")
+            raise AssertionError("the test failed")
+
+    with pytest.raises(AssertionError):
+        failing_test()
     err = capsys.readouterr().err
-    assert "seed=4242" in err and "crash before commit" in err and "replay with" in err
+    assert "seed=4242" in err
+    assert "crash before commit" in err
+    assert "replay with" in err
 
 
 # ---------------------------------------------------------------------- explore
@@ -318,7 +331,8 @@ def test_a_failing_block_prints_the_seed_and_the_faults(capsys: pytest.CaptureFi
 
 def test_janken_has_exactly_one_winner_in_every_order() -> None:
     found = explore(janken.play("rock", "scissors"), entities=[janken.Player, janken.Game])
-    assert found.complete and found.runs > 1
+    assert found.complete
+    assert found.runs > 1
     assert len(found.worlds) == 1
     for world in found.worlds:
         outcomes = sorted(world[(janken.Player, p)]["outcome"] for p in ("alice", "bob"))
@@ -347,20 +361,22 @@ def test_explore_bounds() -> None:
     entities = [janken.Player, janken.Game]
     full = explore(janken.play("rock", "paper"), entities=entities)
     cut = explore(janken.play("rock", "paper"), entities=entities, max_runs=3)
-    assert cut.runs == 3 and not cut.complete
+    assert cut.runs == 3
+    assert not cut.complete
     shallow = explore(janken.play("rock", "paper"), entities=entities, max_depth=1)
-    assert shallow.complete and shallow.runs == 2 < full.runs
+    assert shallow.complete
+    assert shallow.runs == 2 < full.runs
     sampled = explore(janken.play("rock", "paper"), entities=entities, max_runs=5, sample=True)
-    assert sampled.runs == 5 and not sampled.complete
+    assert sampled.runs == 5
+    assert not sampled.complete
     checked: list[int] = []
     explore(
         janken.play("rock", "paper"),
         entities=entities,
         check=lambda sim: checked.append(len(sim.trace)),
     )
-    assert len(checked) == full.runs and all(
-        n == 6 for n in checked
-    )  # 2 plays, 2 hands, 2 outcomes
+    assert len(checked) == full.runs
+    assert all(n == 6 for n in checked)
 
 
 # ---------------------------------------------------------------------- the pytest plugin
@@ -401,4 +417,6 @@ def test_the_pytest_plugin_gives_sim_and_prints_the_seed(tmp_path: Path) -> None
     )
     out = done.stdout
     assert "1 failed, 1 passed" in out, out
-    assert "pachyderm simulation" in out and "seed=99" in out and "crash before commit" in out
+    assert "pachyderm simulation" in out
+    assert "seed=99" in out
+    assert "crash before commit" in out
