@@ -285,7 +285,7 @@ class Engine:
     def post(self, resident: Resident, call: Call) -> None:
         """Queue an accepted call in the mailbox; the runner takes it on its next turn.
 
-        ``World.activate`` does the same inline (its hot path); change both together.
+        ``World._post`` does the same inline (the hot path of ``activate``); change both together.
         """
         mailbox = resident.mailbox
         if mailbox is None:

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from ._clock import Clock, SystemClock
 from ._core._follow import Channel
-from ._core._resident import READY, Call
+from ._core._resident import READY, Call, Resident
 from ._engine import Engine
 from ._entity import MAX_KEY_BYTES, Entity, EntityInfo, Registry
 from ._errors import InvalidOptions, Overloaded, Unavailable
@@ -188,44 +188,10 @@ class World:
             done, value = await self._idempotent_result(info, key, idempotency_key)
             if done:
                 return value
-        engine = self._engine
-        resident = self._residents.get((info.name, key))
-        if resident is None:
-            resident = engine.resident(info, key)
-        else:
-            resident.hot = True
-        if resident.queued >= self._mailbox_size:
-            raise Overloaded(
-                f"the mailbox of {info.name}:{key!r:.60} is full "
-                f"({self._mailbox_size} calls waiting)"
-            )
         loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[assignment]  # set when open
         future: asyncio.Future[Any] = loop.create_future()
-        # `Call(message, future, idempotency_key)`, without the cost of a Python __init__ frame.
-        call = _new_call(Call)
-        call.message = message
-        call.future = future
-        call.idempotency_key = idempotency_key
-        call.version = None
-        call.delivery = call.effects = None
-        if idempotency_key is not None:
-            if resident.idempotent is None:
-                resident.idempotent = {}
-            resident.idempotent[idempotency_key] = (call, loop.create_future())
-        # Inlined `engine.post(resident, call)` (the hot path).
-        mailbox = resident.mailbox
-        if mailbox is None:
-            resident.mailbox = [call]
-        else:
-            mailbox.append(call)
-        resident.queued += 1
-        if not resident.scheduled and resident.phase == READY:
-            # Inlined `engine.schedule`: the runner takes it on its next turn.
-            resident.scheduled = True
-            self._ready.append(resident)
-            waiter = engine.run_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        resident, call = self._post(info, key, message, idempotency_key, future)
+        engine = self._engine
         if timeout is None:
             timeout = self._call_timeout
             if timeout is None:
@@ -242,6 +208,56 @@ class World:
             raise
         finally:
             handle.cancel()
+
+    def _post(
+        self,
+        info: EntityInfo,
+        key: str,
+        message: Any,
+        idempotency_key: str | None,
+        future: asyncio.Future[Any],
+    ) -> tuple[Resident, Call]:
+        """Queue a checked call in its entity's mailbox: the half of ``activate`` with no await.
+
+        ``future`` gets the answer, after the commit. Raises ``Overloaded`` (nothing queued).
+        The simulation posts its calls here too.
+        """
+        resident = self._residents.get((info.name, key))
+        if resident is None:
+            resident = self._engine.resident(info, key)
+        else:
+            resident.hot = True
+        if resident.queued >= self._mailbox_size:
+            raise Overloaded(
+                f"the mailbox of {info.name}:{key!r:.60} is full "
+                f"({self._mailbox_size} calls waiting)"
+            )
+        # `Call(message, future, idempotency_key)`, without the cost of a Python __init__ frame.
+        call = _new_call(Call)
+        call.message = message
+        call.future = future
+        call.idempotency_key = idempotency_key
+        call.version = None
+        call.delivery = call.effects = None
+        if idempotency_key is not None:
+            if resident.idempotent is None:
+                resident.idempotent = {}
+            resident.idempotent[idempotency_key] = (call, future.get_loop().create_future())
+        # Inlined `engine.post(resident, call)` (the hot path).
+        mailbox = resident.mailbox
+        if mailbox is None:
+            resident.mailbox = [call]
+        else:
+            mailbox.append(call)
+        resident.queued += 1
+        if not resident.scheduled and resident.phase == READY:
+            # Inlined `engine.schedule`: the runner takes it on its next turn.
+            resident.scheduled = True
+            self._ready.append(resident)
+            waiter = self._engine.run_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        return resident, call
 
     async def read(self, ref: tuple[type[Entity], Any]) -> Any:
         """Return the entity's latest committed state, or ``init()`` if it was never activated.

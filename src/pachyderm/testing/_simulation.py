@@ -14,6 +14,7 @@ import asyncio
 import builtins
 import random
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -102,6 +103,14 @@ class _Storage(Memory):
         return outcome
 
 
+class _Reply(asyncio.Future[Any]):
+    """A call's future whose error a test may never read: no "never retrieved" log at exit."""
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        super().set_exception(exception)
+        super().exception()  # marks it read: the test reads it with `Pending.result()`, or not
+
+
 class Pending:
     """The reply to a call submitted with ``Simulation.submit``, once the simulation has run it."""
 
@@ -124,7 +133,6 @@ class Pending:
 
     def _fail(self, error: BaseException) -> None:
         self._future.set_exception(error)
-        self._future.exception()  # the test reads it with result(), or not: no warning at exit
 
     def done(self) -> bool:
         """True once the call is answered (with a state or an error)."""
@@ -191,6 +199,9 @@ class Simulation:
         faults: how often faults are injected (``Faults``); none by default. Faults can also be
             armed one at a time: ``duplicate()``, ``delay()``, ``crash_commit()``, ``restart()``.
         name: the world's name.
+        history: the most steps kept for ``history``, ``steps`` and ``trace`` (the oldest are
+            dropped first, so that a long run's memory stays bounded; 0 keeps none).
+        chooser: how ``explore`` picks each delivery (one at a time); None: rounds, by the seed.
         options: ``WorldOptions`` fields, as keywords, for the world.
 
     Every call is a plain function (no ``await``): it runs the simulation until it has its answer.
@@ -206,9 +217,12 @@ class Simulation:
         seed: int = 0,
         faults: Faults | None = None,
         name: str = "default",
+        history: int = 1_000_000,
         chooser: Chooser | None = None,
         **options: Any,
     ) -> None:
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise InvalidOptions(f"history is the most steps kept, an int >= 0; got {history!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InvalidOptions(f"a simulation's seed is an int; got {seed!r}")
         if faults is not None and not isinstance(faults, Faults):
@@ -234,8 +248,10 @@ class Simulation:
         #: Every fault injected, in order, as text (``report()`` prints them).
         self.injected: list[str] = []
         #: Every step of every entity, in the order they happened (see ``history``).
-        self.trace: list[tuple[tuple[str, str], Step]] = []
-        self._history: dict[tuple[str, str], list[Step]] = {}
+        # Every step, oldest first, as plain tuples (cheap to record); `trace` and `steps` make
+        # `Step`s of them when asked. At most `history` of them (the oldest go first).
+        self._log: deque[tuple[Any, ...]] = deque(maxlen=history)
+        self.steps_recorded = 0
         self._recordings: set[Recording] = set()
         self._clients = 0
         self._crash_next: list[tuple[str, tuple[str, str] | None]] = []
@@ -344,8 +360,7 @@ class Simulation:
         """
         self._check_open()
         info, key = self.world._registry.resolve(ref)
-        future = self._loop.create_future()
-        reply = Pending(future, ref)
+        reply = Pending(_Reply(loop=self._loop), ref)
         if client is None:
             self._clients += 1
             client = f"#{self._clients}"
@@ -517,7 +532,13 @@ class Simulation:
     def steps(self, ref: tuple[type[Entity], Any]) -> builtins.list[Step]:
         """The entity's history as ``Step`` records (version, sender, time, ...)."""
         info, key = self.world._registry.resolve(ref)
-        return list(self._history.get((info.name, key), ()))
+        target = (info.name, key)
+        return [Step(*entry[1:]) for entry in self._log if entry[0] == target]
+
+    @property
+    def trace(self) -> builtins.list[tuple[tuple[str, str], Step]]:
+        """Every entity's steps, in the order they happened: ``((type name, key), Step)``."""
+        return [(entry[0], Step(*entry[1:])) for entry in self._log]
 
     def states(self) -> dict[tuple[str, str], Any]:
         """Every stored entity's state, by ``(type name, key)``, in a stable order."""
@@ -550,7 +571,7 @@ class Simulation:
         """The seed and every fault injected: what a failing test prints, to replay the run."""
         lines = [
             f"pachyderm simulation: seed={self.seed}, faults={self.faults!r}, "
-            f"virtual time {self._loop.now:.3f} s, {len(self.trace)} steps, "
+            f"virtual time {self._loop.now:.3f} s, {self.steps_recorded} steps, "
             f"{len(self.injected)} faults injected"
         ]
         lines += [f"  {text}" for text in self.injected[:50]]
@@ -562,11 +583,17 @@ class Simulation:
     def _observe(
         self, resident: Resident, calls: builtins.list[Call], error: PachydermError | None
     ) -> None:
-        committed = error is None or self.backend.crashed.get(resident.ref, False)
-        history = self._history.get(resident.ref)
-        if history is None:
-            history = self._history[resident.ref] = []
+        ref = resident.ref
         now = self._loop.now
+        log = self._log
+        self.steps_recorded += len(calls)
+        if error is None:  # the common case: committed (or failed with nothing to commit)
+            for call in calls:
+                delivery = call.delivery
+                sender = None if delivery is None else (delivery.sender_type, delivery.sender_key)
+                log.append((ref, call.message, call.result, call.version, sender, now, False))
+            return
+        committed = self.backend.crashed.get(ref, False)
         for call in calls:
             delivery = call.delivery
             if committed:
@@ -576,9 +603,7 @@ class Simulation:
             else:
                 result, version = error, None
             sender = None if delivery is None else (delivery.sender_type, delivery.sender_key)
-            step = Step(call.message, result, version, sender, now, error is not None and committed)
-            history.append(step)
-            self.trace.append((resident.ref, step))
+            log.append((ref, call.message, result, version, sender, now, committed))
 
     # ------------------------------------------------------------------ driving the loop
 
@@ -587,12 +612,25 @@ class Simulation:
             raise SimulationError("the simulation is closed")
 
     def _start_call(self, call: ClientCall) -> None:
+        world = self.world
+        reply = call.reply
+        if call.idempotency_key is None and call.timeout is None and world._call_timeout is None:
+            # What `World.activate` does with no key and no deadline, without a task per call:
+            # its checks, then its `_post`; the engine answers the reply's future itself.
+            try:
+                info, key = world._registry.resolve(call.ref)
+                if not world._serving:
+                    world._check_open()
+                world._post(info, key, call.message, None, reply._future)
+            except PachydermError as exc:
+                reply._fail(exc)
+            return
         task = self._loop.create_task(
-            self.world.activate(
+            world.activate(
                 call.ref, call.message, idempotency_key=call.idempotency_key, timeout=call.timeout
             )
         )
-        task.add_done_callback(call.reply._answer)
+        task.add_done_callback(reply._answer)
 
     @staticmethod
     def _lost_delivery(envelope: Any) -> None:
