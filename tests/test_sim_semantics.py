@@ -7,8 +7,8 @@ order per (sender, receiver) pair, durable timers (named, cancellable, surviving
 entity is deliberately impure, to show that the duplicate-delivery fault does reach handlers: the
 runtime's exactly-once covers the stored state, not what a handler does besides.
 
-The last section holds strict xfails: bugs these tests found (in the simulation and in the
-runtime, with ``async def`` handlers and small mailboxes), each named in its reason.
+The last section holds regression tests of the bugs these tests found (in the simulation, and in
+the runtime with ``async def`` handlers and small mailboxes), each named in its docstring.
 """
 
 from __future__ import annotations
@@ -639,7 +639,7 @@ def test_any_schedule_conserves_money_and_order(draw: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Bugs found by these tests (strict xfails: each starts passing when its bug is fixed)
+# 7. Regressions: bugs these tests found, in the simulation and in the runtime (all fixed)
 
 
 class Notes(pachyderm.Entity):
@@ -686,13 +686,8 @@ class Post(pachyderm.Entity):
         return Update(state + 1, *(send((TARGETS[target], self.key), m) for m in messages))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="simulation bug: VirtualLoop._idle jumps with the timeout computed before the idle "
-    "hook ran, past the wake-up that Network._pop schedules for a delayed delivery",
-)
 def test_sim_a_delayed_delivery_arrives_when_its_delay_is_over() -> None:
+    """The virtual loop jumped past the wake-up its idle hook had just armed for a delay."""
     with Simulation([Post, Picky], seed=12) as sim:
         sim.delay(2.0, to=(Picky, "p"))
         sim.submit((Post, "p"), ("picky", ["m"]))
@@ -702,13 +697,8 @@ def test_sim_a_delayed_delivery_arrives_when_its_delay_is_over() -> None:
         assert step.time == pytest.approx(2.0)  # it arrives at 15.0: the end of the advance
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="simulation bug: Simulation._abandon fails the calls in mailbox/pending/inflight, "
-    "not the one an async handler is running: it is never answered, and its handler goes on",
-)
 def test_sim_restart_answers_a_call_whose_async_handler_is_running() -> None:
+    """restart() forgot the call an async handler ran: never answered, its handler went on."""
     with Simulation([Notes], seed=13) as sim:
         pending = sim.submit((Notes, "n"), "note")
         sim.advance(0.01)  # the handler is sleeping in the middle of its run
@@ -717,14 +707,8 @@ def test_sim_restart_answers_a_call_whose_async_handler_is_running() -> None:
         assert isinstance(pending.exception(), pachyderm.Indeterminate)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pachyderm.testing.SimulationError,
-    reason="runtime bug: Dispatcher.recheck drops deliveries whose row is gone (making room in "
-    "the mailbox) but never flushes the held queue; only a won commit does, so when every "
-    "delivery the flush moved turns out applied already, the held messages wait forever",
-)
 def test_held_messages_are_delivered_after_a_lost_reply_of_their_receiver() -> None:
+    """A recheck that dropped applied deliveries made room but did not flush the held queue."""
     with Simulation([Post, Receiver], seed=14, mailbox_size=1) as sim:
         sim.crash_commit(after=True, ref=(Receiver, "r"))  # its first commit; the reply is lost
         sim.activate((Post, "r"), ("receiver", [("seq", "p", n) for n in range(3)]))
@@ -732,14 +716,8 @@ def test_held_messages_are_delivered_after_a_lost_reply_of_their_receiver() -> N
         assert sim.read((Receiver, "r")) == [["p", 0], ["p", 1], ["p", 2]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="runtime bug: Engine._finish_async calls _result() (which moves the tip) before it "
-    "checks the generation: an async handler that ran on a state undone meanwhile leaves its "
-    "result in the tip, and the state of the lost write is committed with the next one",
-)
 def test_an_async_result_on_an_undone_state_is_not_committed() -> None:
+    """An async handler's result on a state undone meanwhile was left in the tip and committed."""
     with Simulation([Notes], seed=15) as sim:
         sim.crash_commit(after=False, ref=(Notes, "n"))  # nothing of "first" is written
         first = sim.submit((Notes, "n"), "first", client="c")
@@ -751,14 +729,8 @@ def test_an_async_result_on_an_undone_state_is_not_committed() -> None:
         assert stored == ["second"]  # stored: ["first", "second", "second"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="runtime bug: Engine._lost(reload=False) (a commit that raised Unavailable) resets "
-    "the tip but neither reruns nor bumps the generation when only an async handler is running "
-    "(pending is empty): its result, computed on the failed call's state, is committed",
-)
 def test_an_unavailable_commit_is_not_committed_by_the_async_call_behind_it() -> None:
+    """After an Unavailable commit, an async handler still running on its tip was not run again."""
     with Simulation([Notes], seed=16) as sim:
         commit = sim.backend.commit
         failures = [pachyderm.Unavailable("the disk is full (simulated)")]
@@ -777,17 +749,10 @@ def test_an_unavailable_commit_is_not_committed_by_the_async_call_behind_it() ->
 
 
 @pytest.mark.parametrize("after_commit", [False, True])
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="runtime bug: a delivery whose async handler runs while the write ahead of it is "
-    "lost goes back to the front of the mailbox (Engine._finish_async), while the deliveries "
-    "of the lost write wait in the held queue: it is applied first (and, with the bug above, "
-    "applied on the undone state too)",
-)
 def test_an_async_receiver_applies_each_message_once_in_order_after_a_lost_write(
     after_commit: bool,
 ) -> None:
+    """A delivery an async handler ran during a lost write jumped ahead of the others."""
     with Simulation([Post, Notes], seed=17) as sim:
         sim.crash_commit(after=after_commit, ref=(Notes, "p"))
         sim.activate((Post, "p"), ("notes", [0, 1, 2]))
@@ -795,16 +760,10 @@ def test_an_async_receiver_applies_each_message_once_in_order_after_a_lost_write
         assert sim.read((Notes, "p")) == [0, 1, 2]  # [0, 1, 1, 0, 2] / [0, 1, 1, 0, 2, 2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="runtime bug: after a commit that raised Indeterminate but did commit, "
-    "Dispatcher.committed never runs for it, so a dead letter it consumed is neither counted "
-    "in statistics()['dead_letters'] nor logged (docs/messages.md promises both)",
-)
 def test_a_dead_letter_whose_reply_was_lost_is_counted_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A dead letter consumed by a commit whose reply was lost was neither counted nor logged."""
     with Simulation([Post, Picky], seed=18) as sim, caplog.at_level("WARNING", "pachyderm"):
         sim.activate((Post, "p"), ("picky", ["bad"]))
         sim.crash_commit(after=True, ref=(Picky, "p"))

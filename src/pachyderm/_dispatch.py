@@ -39,7 +39,7 @@ from . import _faults
 from ._codec import UNTYPED
 from ._core._resident import Call, Resident
 from ._errors import PachydermError, UnknownEntityType
-from .backends._base import Envelope, EnvelopeId, Write
+from .backends._base import Consume, Envelope, EnvelopeId, Write
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -108,6 +108,8 @@ class Dispatcher:
         # Rows sent by writes whose outcome is unknown, by sender: dispatched after the sender's
         # reload if they exist (they do if the write committed), before it commits anything else.
         self.doubt: dict[tuple[str, str], list[Envelope]] = {}
+        # Rows such writes consumed, by receiver: counted after its reload if they are gone.
+        self.doubt_consumed: dict[tuple[str, str], list[Consume]] = {}
         self.stats = {"delivered": 0, "timers_fired": 0, "dead_letters": 0, "redelivered": 0}
 
     # ------------------------------------------------------------------ start and stop
@@ -168,27 +170,31 @@ class Dispatcher:
             self._attempts.pop(resident.ref, None)  # its deliveries work (again)
         consumes = outbox.consumes
         deliveries = resident.deliveries
-        for consume in consumes:
+        if consumes:
             if deliveries is not None:
-                deliveries.discard(consume.id)
-            if consume.dead is not None:
-                self.stats["dead_letters"] += 1
-                log.warning(
-                    "dead letter: the message %s to %s:%r failed and will not be delivered "
-                    "again: %s",
-                    consume.id,
-                    write.type_name,
-                    write.key,
-                    consume.dead,
-                )
-            elif consume.timer:
-                self.stats["timers_fired"] += 1
+                deliveries.difference_update([c.id for c in consumes])
+            self._applied(resident.ref, consumes)
         if deliveries is not None and not deliveries:
             resident.deliveries = None
         sender = (write.type_name, write.key)
         for name in outbox.cancels:
             self._drop_name((*sender, name))
         self.sent(sender, outbox.sends)
+
+    def _applied(self, receiver: tuple[str, str], consumes: Sequence[Consume]) -> None:
+        """Count (and log, for dead letters) the rows a committed write consumed."""
+        for consume in consumes:
+            if consume.dead is not None:
+                self.stats["dead_letters"] += 1
+                log.warning(
+                    "dead letter: the message %s to %s:%r failed and will not be delivered "
+                    "again: %s",
+                    consume.id,
+                    *receiver,
+                    consume.dead,
+                )
+            elif consume.timer:
+                self.stats["timers_fired"] += 1
 
     def sent(self, sender: tuple[str, str], sends: Sequence[Envelope]) -> None:
         """These rows of ``sender`` are committed: deliver the messages, keep the near timers."""
@@ -331,7 +337,15 @@ class Dispatcher:
             return
         mine = [c for c in failed if c.delivery is not None]
         failed[:] = [c for c in failed if c.delivery is None]
-        for name in ("pending", "mailbox"):
+        for name in ("pending", "running", "mailbox"):
+            if name == "running":  # an async handler runs one, after the pending ones
+                running = resident.running
+                if running is not None and running[0].delivery is not None:
+                    resident.running = None  # its result will be dropped
+                    if running[1] is not None:
+                        running[1].cancel()
+                    mine.append(running[0])
+                continue
             calls = getattr(resident, name)
             if calls and any(c.delivery is not None for c in calls):
                 mine += [c for c in calls if c.delivery is not None]
@@ -342,15 +356,29 @@ class Dispatcher:
 
     def in_doubt(self, residents: list[Resident]) -> list[Resident]:
         """Those of ``residents`` (being loaded) that sent rows in a commit of unknown outcome."""
-        return [r for r in residents if r.ref in self.doubt] if self.doubt else []
+        if not (self.doubt or self.doubt_consumed):
+            return []
+        return [r for r in residents if r.ref in self.doubt or r.ref in self.doubt_consumed]
 
     async def resolve_doubt(self, residents: list[Resident]) -> None:
-        """After a commit of unknown outcome: dispatch the rows it sent, if it did commit."""
+        """After a commit of unknown outcome: dispatch the rows it sent, if it did commit.
+
+        The rows it consumed and that are gone were applied by it (the receiver is being loaded:
+        nothing else of it ran since): they are counted, and dead letters logged, as after any
+        commit. (A timer its sender cancelled meanwhile is gone too, and counted as fired.)
+        """
         for resident in residents:
-            sends = self.doubt[resident.ref]
-            alive = await self.engine.backend.exists([e.id for e in sends])
-            del self.doubt[resident.ref]
-            self.sent(resident.ref, [e for e, ok in zip(sends, alive, strict=True) if ok])
+            ref = resident.ref
+            sends = self.doubt.get(ref, [])
+            consumed = self.doubt_consumed.get(ref, [])
+            alive = await self.engine.backend.exists(
+                [e.id for e in sends] + [c.id for c in consumed]
+            )
+            self.doubt.pop(ref, None)
+            self.doubt_consumed.pop(ref, None)
+            self.sent(ref, [e for e, ok in zip(sends, alive, strict=False) if ok])
+            gone = [c for c, ok in zip(consumed, alive[len(sends) :], strict=True) if not ok]
+            self._applied(ref, gone)
 
     async def recheck(self, residents: list[Resident]) -> None:
         """Drop the deliveries whose outbox row is gone (applied or cancelled meanwhile).
@@ -375,6 +403,9 @@ class Dispatcher:
             resident.mailbox = [c for c in mailbox if id(c) not in drop] or None
             resident.queued -= len(mailbox) - len(resident.mailbox or ())
             self.forget(resident, [c.delivery.id for r, c in gone if r is resident])  # type: ignore[union-attr]
+        for resident in residents:
+            if resident.ref in self.held:
+                self.flush(resident)  # the dropped ones made room in its mailbox
 
     # ------------------------------------------------------------------ timers
 

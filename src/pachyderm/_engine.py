@@ -516,12 +516,18 @@ class Engine:
         if rest:  # the calls after it wait their turn, at the front of the mailbox
             resident.mailbox = rest + (resident.mailbox or [])
         resident.busy = True
+        resident.running = (call, None)
         self._loop.create_task(self._finish_async(resident, call, coro))
 
     async def _finish_async(self, resident: Resident, call: Call, coro: Any) -> None:
         timeout = self.options.activation_timeout
-        generation = resident.generation
+        if resident.running is None or resident.running[0] is not call:
+            coro.close()  # undone before it started: it was put back in its place
+            resident.busy = False
+            self.schedule(resident)
+            return
         task = asyncio.ensure_future(coro)
+        resident.running = (call, task)
         # A caller that gives up (timeout or cancellation) stops the handler as well.
         call.future.add_done_callback(lambda _: task.cancel())
         expired = False
@@ -534,6 +540,13 @@ class Engine:
         timer = None if timeout is None else self.clock.call_later(timeout, expire)
         try:
             await asyncio.wait({task})
+            if resident.running is None or resident.running[0] is not call:
+                # The state it ran on was undone meanwhile (a lost write): the call is back in
+                # its place, to run again; this run's result is dropped.
+                resident.busy = False
+                self.schedule(resident)
+                return
+            resident.running = None
             if expired:
                 raise Timeout(f"the handler ran longer than {timeout} s; it was cancelled")
             if task.cancelled():
@@ -552,14 +565,9 @@ class Engine:
         if call.delivery is not None:
             resident.fx = True
         resident.busy = False
-        if generation != resident.generation:
-            # The state it ran on was undone meanwhile (a lost write): run it again.
-            call.version = call.data = call.result = call.effects = None
-            resident.mailbox = [call, *(resident.mailbox or [])]
-        else:
-            if resident.pending is None:
-                resident.pending = []
-            resident.pending.append(call)
+        if resident.pending is None:
+            resident.pending = []
+        resident.pending.append(call)
         self.schedule(resident)
 
     def _crash(self, resident: Resident, exc: Exception, batch: list[Call]) -> None:
@@ -599,9 +607,15 @@ class Engine:
         try:
             outcome: Sequence[bool] = await self.backend.commit(writes)
         except Indeterminate as exc:
+            dispatcher = self.dispatcher
             for write, resident in zip(writes, owners, strict=True):
-                if write.outbox is not None and write.outbox.sends:
-                    self.dispatcher.doubt.setdefault(resident.ref, []).extend(write.outbox.sends)
+                outbox = write.outbox
+                if outbox is not None:
+                    if outbox.sends:
+                        dispatcher.doubt.setdefault(resident.ref, []).extend(outbox.sends)
+                    if outbox.consumes:
+                        consumed = dispatcher.doubt_consumed.setdefault(resident.ref, [])
+                        consumed.extend(outbox.consumes)
                 self._lost(resident, exc, reload=True)
             return
         except PachydermError as exc:
@@ -672,13 +686,18 @@ class Engine:
     def _rerun(self, resident: Resident) -> None:
         """The write lost (or the cache is doubtful): run everything on top of it again."""
         calls = (resident.inflight or []) + (resident.pending or [])
+        running = resident.running
+        if running is not None:  # an async handler runs on the undone tip: it runs again
+            resident.running = None
+            calls.append(running[0])
+            if running[1] is not None:
+                running[1].cancel()
         for call in calls:
             call.version = call.data = call.result = call.effects = None
             if call.delivery is not None:
                 resident.recheck = True
         resident.inflight = resident.pending = None
         resident.fx = False
-        resident.generation += 1
         resident.mailbox = calls + (resident.mailbox or [])
         resident.phase = STALE
         self._request_load(resident)
@@ -691,7 +710,7 @@ class Engine:
         self.dispatcher.take_back(resident, inflight)
         for call in inflight:
             self._answer(resident, call, exc)
-        if reload or resident.pending:
+        if reload or resident.pending or resident.running is not None:
             self._rerun(resident)
         else:
             resident.tip_version, resident.tip_data = resident.version, resident.data

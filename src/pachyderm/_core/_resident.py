@@ -68,7 +68,6 @@ class Resident:
         "deliveries",
         "error",
         "fx",
-        "generation",
         "hot",
         "idempotent",
         "inflight",
@@ -81,6 +80,7 @@ class Resident:
         "queued",
         "recheck",
         "ref",
+        "running",
         "scheduled",
         "tip_data",
         "tip_obj",
@@ -109,8 +109,10 @@ class Resident:
         self.pending: list[Call] | None = None
         self.scheduled = False
         self.busy = False
-        # Counts undos (lost writes): an async handler's result from an older generation is stale.
-        self.generation = 0
+        # The call an async handler is running, and its task (None until it starts). Cleared
+        # when that run is undone (a lost write; the call is put back in its place), and then
+        # `busy` stays True until the task has ended, its result dropped.
+        self.running: tuple[Call, asyncio.Task[Any] | None] | None = None
         self.queued = 0
         # Some pending call applies an outbox row or has effects: its write carries an outbox.
         self.fx = False

@@ -75,6 +75,9 @@ class VirtualLoop(asyncio.BaseEventLoop):
             return  # work is ready, or a timer is due now: not idle
         if self._idle_hook():
             return  # the simulation made work ready: time stands still
+        # The hook may have scheduled something sooner (a delayed delivery's wake-up).
+        scheduled = self._scheduled  # type: ignore[attr-defined]  # BaseEventLoop's timer heap
+        timeout = max(0.0, scheduled[0].when() - self.now) if scheduled else None
         if timeout is None:
             self.stalled = True  # nothing ready, no timer: nothing will ever happen
             self.stop()

@@ -323,6 +323,12 @@ class Simulation:
         engine.dispatcher.stop()
         crashed = Indeterminate("the simulated node crashed while the call ran")
         for resident in list(engine.residents.values()):
+            running, resident.running = resident.running, None
+            if running is not None:  # an async handler is running: it stops with the node
+                if running[1] is not None:
+                    running[1].cancel()
+                if not running[0].future.done():
+                    running[0].future.set_exception(crashed)
             for name in ("mailbox", "pending", "inflight"):
                 for call in getattr(resident, name) or ():
                     if not call.future.done():
