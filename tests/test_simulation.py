@@ -305,6 +305,14 @@ def test_bad_input_gets_named_errors() -> None:
         sim.activate((janken.Game, "g"), "x")
     with pytest.raises(pachyderm.InvalidOptions):
         sim.delay(0)
+    with pytest.raises(pachyderm.InvalidOptions):
+        sim.run(max_time=-1)
+    with pytest.raises(pachyderm.InvalidOptions):
+        sim.run_until_idle(max_activations=0)
+    with pytest.raises(pachyderm.InvalidOptions):
+        sim.submit((Counter, "c"), "inc", client="")
+    with pytest.raises(pachyderm.InvalidOptions):
+        explore(None, entities=ENTITIES)  # type: ignore[arg-type]
     sim.close()
     with pytest.raises(SimulationError):
         sim.activate((Counter, "c"), "inc")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -68,6 +69,8 @@ class WorldOptions:
     @classmethod
     def build(cls, base: WorldOptions | None, overrides: dict[str, object]) -> WorldOptions:
         """Return ``base`` (or the defaults) with ``overrides`` applied; refuse unknown names."""
+        if not overrides:
+            return base if base is not None else _defaults()
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -77,3 +80,9 @@ class WorldOptions:
             return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
         except TypeError as exc:
             raise InvalidOptions(str(exc)) from exc
+
+
+@functools.cache
+def _defaults() -> WorldOptions:
+    """The default options, checked once (they are frozen: one object serves every world)."""
+    return WorldOptions()

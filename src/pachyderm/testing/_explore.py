@@ -132,6 +132,8 @@ def explore(
     Returns:
         An ``Exploration``: each distinct final world with the schedules that reached it.
     """
+    if not callable(setup):
+        raise InvalidOptions(f"setup is a function of the simulation; got {setup!r:.60}")
     for name, value in (("max_depth", max_depth), ("max_runs", max_runs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidOptions(f"{name} is an int >= 1; got {value!r}")

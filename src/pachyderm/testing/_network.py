@@ -80,7 +80,7 @@ class Chooser(Protocol):
 class ClientCall:
     """A call a test submitted: delivered like a message, then run by ``World.activate``."""
 
-    __slots__ = ("idempotency_key", "message", "ref", "reply", "timeout")
+    __slots__ = ("idempotency_key", "message", "pair", "ref", "reply", "timeout")
 
     def __init__(
         self,
@@ -95,6 +95,7 @@ class ClientCall:
         self.idempotency_key = idempotency_key
         self.timeout = timeout
         self.reply = reply  # the test's `Pending`
+        self.pair: Pair = ("client", "", "", "")  # set when submitted
 
 
 Item = Envelope | ClientCall
@@ -121,6 +122,9 @@ class Network:
         self.call = call
         self.note = note  # records an injected fault
         self.chooser = chooser
+        # What arrived since the last step, in arrival order; the pairs' queues are made of it
+        # when a step needs them (faults, explore), and keep what a fault held back.
+        self.arrived: list[Item] = []
         self.pairs: dict[Pair, deque[Item]] = {}
         self.not_before: dict[Pair, float] = {}
         self.delivered = 0
@@ -133,15 +137,11 @@ class Network:
 
     def accept(self, envelope: Envelope) -> None:
         """The dispatcher hands over a message (in place of putting it in the mailbox)."""
-        pair = (envelope.sender_type, envelope.sender_key, envelope.to_type, envelope.to_key)
-        queue = self.pairs.get(pair)
-        if queue is None:
-            self.pairs[pair] = deque((envelope,))
-        else:
-            queue.append(envelope)
+        self.arrived.append(envelope)
 
     def submit(self, client: str, to: tuple[str, str], call: ClientCall) -> None:
-        self._queue(("client", client, *to), call)
+        call.pair = ("client", client, *to)
+        self.arrived.append(call)
 
     def _queue(self, pair: Pair, item: Item) -> None:
         queue = self.pairs.get(pair)
@@ -150,11 +150,21 @@ class Network:
         else:
             queue.append(item)
 
+    def _sort(self) -> None:
+        """Move what arrived into the pairs' queues, in arrival order."""
+        arrived, self.arrived = self.arrived, []
+        for item in arrived:
+            self._queue(_pair(item), item)
+
+    def empty(self) -> bool:
+        return not (self.arrived or self.pairs)
+
     def pending(self) -> int:
-        return sum(len(q) for q in self.pairs.values())
+        return len(self.arrived) + sum(len(q) for q in self.pairs.values())
 
     def drop_messages(self) -> list[ClientCall]:
         """A crash: messages in flight are gone (storage still has them); return the calls."""
+        self._sort()
         calls = [i for q in self.pairs.values() for i in q if isinstance(i, ClientCall)]
         self.pairs.clear()
         self.not_before.clear()
@@ -165,11 +175,12 @@ class Network:
     def step(self) -> bool:
         """Deliver what the policy says now; return True if anything was delivered."""
         if not self.pairs:
-            return False
-        chaos = self.faults or self.armed or self.not_before
-        if self.chooser is None and not chaos and self.log is None:
-            self._round()
-            return True
+            if not self.arrived:
+                return False
+            if self.chooser is None and not (self.faults or self.armed) and self.log is None:
+                self._merge()
+                return True
+        self._sort()
         now = self.loop.now
         not_before = self.not_before
         ready = [p for p in self.pairs if not_before.get(p, 0.0) <= now]
@@ -194,29 +205,42 @@ class Network:
                 ready.pop()
         return sent
 
-    def _round(self) -> None:
-        """A round with no fault to draw: the same random merge, on a shorter path."""
-        pairs = self.pairs
-        ready = list(pairs)
+    def _merge(self) -> None:
+        """A round with no fault to draw, straight from the arrivals: a uniform random merge.
+
+        Each item gets a random key, the keys of one pair are handed out in its arrival order
+        (sorted), and the items go out by key: every interleaving that keeps each pair's order
+        is as likely. Delivering adds nothing to ``arrived`` (it fills mailboxes), so the round
+        is exactly what had arrived.
+        """
+        items, self.arrived = self.arrived, []
         random = self.rng.random
+        keys = [random() for _ in items]
+        first: dict[Pair, int] = {}
+        repeated: dict[Pair, list[int]] | None = None
+        for i, item in enumerate(items):
+            pair = (
+                item.pair
+                if type(item) is ClientCall
+                else (item.sender_type, item.sender_key, item.to_type, item.to_key)  # type: ignore[union-attr]
+            )
+            j = first.setdefault(pair, i)
+            if j != i:
+                if repeated is None:
+                    repeated = {}
+                repeated.setdefault(pair, [j]).append(i)
+        if repeated:
+            for indexes in repeated.values():
+                for i, key in zip(indexes, sorted(keys[i] for i in indexes), strict=True):
+                    keys[i] = key
         deliver, call = self.deliver, self.call
-        count = 0
-        # Delivering puts messages in mailboxes and adds nothing here: the loop ends.
-        while ready:
-            i = int(random() * len(ready))
-            pair = ready[i]
-            queue = pairs[pair]
-            item = queue.popleft()
-            if not queue:
-                del pairs[pair]
-                ready[i] = ready[-1]
-                ready.pop()
-            count += 1
+        for i in sorted(range(len(items)), key=keys.__getitem__):
+            item = items[i]
             if type(item) is ClientCall:
                 call(item)
             else:
                 deliver(item)  # type: ignore[arg-type]
-        self.delivered += count
+        self.delivered += len(items)
 
     def _pop(self, pair: Pair, now: float) -> bool:
         queue = self.pairs[pair]
@@ -269,6 +293,12 @@ class Network:
                 del self.armed[i]
                 return seconds
         return None
+
+
+def _pair(item: Item) -> Pair:
+    if type(item) is ClientCall:
+        return item.pair
+    return (item.sender_type, item.sender_key, item.to_type, item.to_key)  # type: ignore[union-attr]
 
 
 def _describe(pair: Pair, item: Item) -> str:

@@ -35,6 +35,7 @@ T = TypeVar("T")
 #: timestamps are the same in every run.
 EPOCH: Final = 1_767_225_600.0
 _DAY: Final = 24 * 3600.0
+_MAX_NOTES: Final = 10_000
 
 
 class SimulationError(PachydermError):
@@ -155,7 +156,8 @@ class Recording:
     """What ``Simulation.follow`` has seen so far: ``items``, in order, as the simulation runs.
 
     It follows across ``restart()``: it subscribes again after the last version it saw, so it
-    neither repeats nor misses a committed version that is still available.
+    neither repeats nor misses a committed version that is still available. It keeps every item
+    it saw (a slow follower's skips aside, as for any follower): ``close()`` it when done.
     """
 
     def __init__(self, sim: Simulation, ref: tuple[Any, Any], since: int | None, versions: bool):
@@ -245,8 +247,10 @@ class Simulation:
             note=self._note,
             chooser=chooser,
         )
-        #: Every fault injected, in order, as text (``report()`` prints them).
-        self.injected: list[str] = []
+        #: The faults injected, in order, as text (``report()`` prints them): the last
+        #: ``_MAX_NOTES`` of them; ``faults_injected`` counts them all.
+        self.injected: deque[str] = deque(maxlen=_MAX_NOTES)
+        self.faults_injected = 0
         #: Every step of every entity, in the order they happened (see ``history``).
         # Every step, oldest first, as plain tuples (cheap to record); `trace` and `steps` make
         # `Step`s of them when asked. At most `history` of them (the oldest go first).
@@ -366,6 +370,8 @@ class Simulation:
         """
         self._check_open()
         info, key = self.world._registry.resolve(ref)
+        if client is not None and not (isinstance(client, str) and 0 < len(client) <= 200):
+            raise InvalidOptions(f"a client name is a str of 1-200 characters; got {client!r:.60}")
         reply = Pending(_Reply(loop=self._loop), ref)
         if client is None:
             self._clients += 1
@@ -434,6 +440,7 @@ class Simulation:
     def run_until_idle(self, *, max_activations: int = 1_000_000) -> None:
         """Deliver and run everything that can happen now, without moving the clock."""
         self._check_open()
+        _check_bounds(max_activations=max_activations)
         self._run(self._loop.now, max_activations, quiet=None)
 
     def advance(self, seconds: float, *, max_activations: int = 1_000_000) -> None:
@@ -441,6 +448,7 @@ class Simulation:
         self._check_open()
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
             raise InvalidOptions(f"advance takes seconds >= 0; got {seconds!r}")
+        _check_bounds(max_activations=max_activations)
         self._run(self._loop.now + seconds, max_activations, quiet=None)
         self._run(self._loop.now, max_activations, quiet=None)
 
@@ -452,6 +460,7 @@ class Simulation:
         ``max_activations`` activations (an entity that re-arms a timer forever, say).
         """
         self._check_open()
+        _check_bounds(max_time=max_time, max_activations=max_activations)
         self._run(self._loop.now + max_time, max_activations, quiet=self.quiet)
         if not self.quiet():
             raise SimulationError(
@@ -461,7 +470,7 @@ class Simulation:
 
     def quiet(self) -> bool:
         """True if nothing is pending: no call, delivery, message or timer is waiting."""
-        if self.network.pairs:
+        if not self.network.empty():
             return False
         engine = self.world._engine
         if engine.ready or engine.commits:
@@ -527,6 +536,7 @@ class Simulation:
         return when
 
     def _note(self, text: str) -> None:
+        self.faults_injected += 1
         self.injected.append(f"t={self._loop.now:.3f} {text}")
 
     # ------------------------------------------------------------------ history
@@ -567,7 +577,7 @@ class Simulation:
                 "seed": self.seed,
                 "time": self._loop.now,
                 "delivered": self.network.delivered,
-                "faults": len(self.injected),
+                "faults": self.faults_injected,
                 "restarts": self.restarts,
                 "jumps": self._loop.jumps,
             },
@@ -578,11 +588,14 @@ class Simulation:
         lines = [
             f"pachyderm simulation: seed={self.seed}, faults={self.faults!r}, "
             f"virtual time {self._loop.now:.3f} s, {self.steps_recorded} steps, "
-            f"{len(self.injected)} faults injected"
+            f"{self.faults_injected} faults injected"
         ]
-        lines += [f"  {text}" for text in self.injected[:50]]
-        if len(self.injected) > 50:
-            lines.append(f"  ... and {len(self.injected) - 50} more")
+        notes = list(self.injected)
+        if self.faults_injected > len(notes):
+            lines.append(f"  ... {self.faults_injected - len(notes)} earlier ones not kept")
+        lines += [f"  {text}" for text in notes[:50]]
+        if len(notes) > 50:
+            lines.append(f"  ... and {len(notes) - 50} more")
         lines.append(f"replay with Simulation(..., seed={self.seed}, faults={self.faults!r})")
         return "\n".join(lines)
 
@@ -686,6 +699,12 @@ class Simulation:
                 else f"the call did not finish within {max_time} virtual seconds"
             )
         return future.result()
+
+
+def _check_bounds(**bounds: float) -> None:
+    for name, value in bounds.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise InvalidOptions(f"{name} is a number > 0; got {value!r:.60}")
 
 
 async def _wait(future: asyncio.Future[T]) -> T:
