@@ -94,24 +94,26 @@ async def world_calls(calls: int) -> float:
         return calls / (time.perf_counter() - started)
 
 
-def scenario_messages(runs: int, quick: bool) -> None:
-    hops = 20 if quick else 50
+def _against_production(
+    name: str, runs: int, simulated: Callable[[], float], production: Callable[[], Any]
+) -> None:
     got, peer = [], []
     for _ in range(runs):
-        peer.append(asyncio.run(world_messages(hops)))
-        got.append(sim_messages(hops))
-    report(f"simulation, messages on a ring of {RING}", "activations/s", got, peer, "production")
+        peer.append(asyncio.run(production()))
+        got.append(simulated())
+    report(name, "activations/s", got, peer, "production")
+
+
+def scenario_messages(runs: int, quick: bool) -> None:
+    hops = 20 if quick else 50
+    name = f"simulation, messages on a ring of {RING}"
+    _against_production(name, runs, lambda: sim_messages(hops), lambda: world_messages(hops))
 
 
 def scenario_calls(runs: int, quick: bool) -> None:
     calls = 5_000 if quick else 20_000
-    got, peer = [], []
-    for _ in range(runs):
-        peer.append(asyncio.run(world_calls(calls)))
-        got.append(sim_calls(calls))
-    report(
-        f"simulation, {calls} calls to {RING} entities", "activations/s", got, peer, "production"
-    )
+    name = f"simulation, {calls} calls to {RING} entities"
+    _against_production(name, runs, lambda: sim_calls(calls), lambda: world_calls(calls))
 
 
 FAULTS = Faults(duplicate=0.1, delay=0.1, crash_before_commit=0.01, crash_after_commit=0.01)
