@@ -298,6 +298,10 @@ def test_bad_input_gets_named_errors() -> None:
         Simulation(ENTITIES, seed="x")  # type: ignore[arg-type]
     with pytest.raises(pachyderm.InvalidOptions):
         explore(lambda sim: None, entities=ENTITIES, max_runs=0)
+    with pytest.raises(pachyderm.UnknownEntityType):
+        Simulation([object], seed=1)  # type: ignore[list-item]  # not an entity type
+    with pytest.raises(pachyderm.InvalidOptions):
+        Simulation(ENTITIES, mailbox_size=0)
     sim = Simulation(ENTITIES, seed=1)
     with pytest.raises(pachyderm.InvalidKey):
         sim.submit((Counter, ""), "inc")

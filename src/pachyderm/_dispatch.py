@@ -376,8 +376,9 @@ class Dispatcher:
             )
             self.doubt.pop(ref, None)
             self.doubt_consumed.pop(ref, None)
-            self.sent(ref, [e for e, ok in zip(sends, alive, strict=False) if ok])
-            gone = [c for c, ok in zip(consumed, alive[len(sends) :], strict=True) if not ok]
+            split = len(sends)
+            self.sent(ref, [e for e, ok in zip(sends, alive[:split], strict=True) if ok])
+            gone = [c for c, ok in zip(consumed, alive[split:], strict=True) if not ok]
             self._applied(ref, gone)
 
     async def recheck(self, residents: list[Resident]) -> None:

@@ -188,7 +188,7 @@ class Recording:
         self.closed = True
         if self._task is not None:
             self._task.cancel()
-        self._sim._recordings.discard(self)
+        self._sim._recordings.pop(self, None)
 
 
 class Simulation:
@@ -251,20 +251,24 @@ class Simulation:
         #: ``_MAX_NOTES`` of them; ``faults_injected`` counts them all.
         self.injected: deque[str] = deque(maxlen=_MAX_NOTES)
         self.faults_injected = 0
-        #: Every step of every entity, in the order they happened (see ``history``).
         # Every step, oldest first, as plain tuples (cheap to record); `trace` and `steps` make
         # `Step`s of them when asked. At most `history` of them (the oldest go first).
         self._log: deque[tuple[Any, ...]] = deque(maxlen=history)
         self.steps_recorded = 0
-        self._recordings: set[Recording] = set()
+        self._recordings: dict[Recording, None] = {}  # in the order they began: replayable
         self._clients = 0
         self._crash_next: list[tuple[str, tuple[str, str] | None]] = []
         self._quiet: Callable[[], bool] | None = None
         self._limit = 0
         self._closed = False
         self.restarts = 0
-        self.world = self._new_world()
-        self._drive(self.world.start(), max_time=_DAY)
+        try:
+            self.world = self._new_world()
+            self._drive(self.world.start(), max_time=_DAY)
+        except BaseException:
+            self._closed = True
+            self._loop.close()
+            raise
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -416,7 +420,7 @@ class Simulation:
         self._check_open()
         self.world._registry.resolve(ref)
         recording = Recording(self, ref, since, versions)
-        self._recordings.add(recording)
+        self._recordings[recording] = None
         recording._start()
         self.run_until_idle()
         return recording
