@@ -23,7 +23,7 @@ from ._clock import Clock
 from ._codec import UNTYPED, PickleCodec
 from ._core._follow import Channel
 from ._core._resident import LOADING, READY, STALE, Call, Resident
-from ._dispatch import Dispatcher
+from ._dispatch import SINK, Dispatcher
 from ._entity import EntityInfo, Registry, Update
 from ._errors import (
     ActivationFailed,
@@ -657,9 +657,11 @@ class Engine:
             # The output gate opens here, after the commit (an inlined `_answer` per call).
             resident.queued -= len(inflight)
             for call in inflight:
+                future = call.future
+                if future is SINK:
+                    continue  # a delivery: nobody waits for an answer
                 if call.idempotency_key is not None:
                     self._forget(resident, call, call.result)
-                future = call.future
                 if not future.done():
                     result = call.result
                     if isinstance(result, BaseException):

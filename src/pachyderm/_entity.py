@@ -88,16 +88,20 @@ class Entity:
         return state
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@dataclass(slots=True, init=False)
 class Update:
-    """A new state plus effects, committed atomically with it."""
+    """A new state plus effects, committed atomically with it. Treat it as immutable.
+
+    (Not a frozen dataclass: one is made per activation that has effects, and a frozen one
+    costs two ``object.__setattr__`` calls to make.)
+    """
 
     state: Any
     effects: tuple[object, ...]
 
     def __init__(self, state: Any, *effects: object) -> None:
-        object.__setattr__(self, "state", state)
-        object.__setattr__(self, "effects", effects)
+        self.state = state
+        self.effects = effects
 
 
 def validate_key(key: object) -> str:

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from . import _faults
-from ._codec import UNTYPED
+from ._codec import IMMUTABLE, UNTYPED
 from ._core._resident import Call, Resident
 from ._effects import After, Cancel, Send
-from ._errors import ActivationFailed, TooLarge, TooManyEffects
+from ._errors import ActivationFailed, SerializationError, TooLarge, TooManyEffects
 from .backends._base import Consume, Envelope, Outbox, Write
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ __all__ = ["effects_of", "faults_after_commit", "outbox_of"]
 
 #: The due time of a timer is never 0.0 (that marks a message to deliver at once).
 _LEAST_DUE: Final = 5e-324
+raw_encode = UNTYPED.raw_encode
 
 
 def effects_of(
@@ -38,13 +39,14 @@ def effects_of(
     info, key = resident.info, resident.key
     out: list[Envelope | str] = []
     wall: float | None = None
+    resolve = engine.registry.resolve
     for index, effect in enumerate(effects):
         kind = type(effect)
         if kind is Cancel:
             out.append(effect.name)  # type: ignore[attr-defined]
             continue
         if kind is Send:
-            to_info, to_key = engine.registry.resolve(effect.ref)  # type: ignore[attr-defined]
+            to_info, to_key = resolve(effect.ref)  # type: ignore[attr-defined]
             due, name = 0.0, None
         elif kind is After:
             to = effect.to  # type: ignore[attr-defined]
@@ -58,7 +60,14 @@ def effects_of(
                 f"{info.name}: an effect is made by pachyderm.send(), after() or cancel(); "
                 f"got {effect!r:.80}"
             )
-        data = UNTYPED.encode(effect.message)  # type: ignore[attr-defined]
+        message = effect.message  # type: ignore[attr-defined]
+        if type(message) in IMMUTABLE:
+            try:
+                data = raw_encode(message)  # a scalar: nothing to prepare
+            except OverflowError as exc:
+                raise SerializationError(f"cannot encode {message!r:.40}: {exc}") from exc
+        else:
+            data = UNTYPED.encode(message)
         if len(data) > options.max_message_bytes:
             raise TooLarge(
                 f"a message is {len(data)} bytes; max_message_bytes is {options.max_message_bytes}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 __all__ = ["Backend", "Consume", "Envelope", "EnvelopeId", "Outbox", "Receipt", "Stored", "Write"]
@@ -68,10 +68,12 @@ class Envelope:
     due: float
     name: str | None
     data: bytes
+    #: ``(sender_type, sender_key, version, index)``, made once (it is read several times per
+    #: message on the way).
+    id: EnvelopeId = field(init=False, repr=False, compare=False)
 
-    @property
-    def id(self) -> EnvelopeId:
-        return (self.sender_type, self.sender_key, self.version, self.index)
+    def __post_init__(self) -> None:
+        self.id = (self.sender_type, self.sender_key, self.version, self.index)
 
     def key(self) -> tuple[float, str, str, int, int]:
         """The row's place in the outbox order (what ``Backend.due`` pages by)."""

@@ -112,8 +112,13 @@ class Memory(Backend):
                 continue
             outbox = w.outbox
             if outbox is not None and outbox.consumes:
-                ids = {c.id for c in outbox.consumes}
-                if len(ids) < len(outbox.consumes) or not ids <= space.outbox.keys():
+                consumes = outbox.consumes
+                if len(consumes) == 1:  # the common case, without a set
+                    gone = consumes[0].id not in space.outbox
+                else:
+                    ids = {c.id for c in consumes}
+                    gone = len(ids) < len(consumes) or not ids <= space.outbox.keys()
+                if gone:
                     out.append(False)  # a message it applies is gone: applied or cancelled
                     continue
             if w.version != w.expected:
