@@ -317,7 +317,12 @@ def test_bad_input_gets_named_errors() -> None:
         sim.submit((Counter, "c"), "inc", client="")
     with pytest.raises(pachyderm.InvalidOptions):
         explore(None, entities=ENTITIES)  # type: ignore[arg-type]
+    with pytest.raises(pachyderm.UnknownEntityType):
+        sim.events((Counter, "c"))  # no entity type is event-sourced yet
+    never = sim.submit((Counter, "c"), "inc")
     sim.close()
+    with pytest.raises(pachyderm.Unavailable):
+        never.result()  # closed before it was delivered: answered, not left hanging
     with pytest.raises(SimulationError):
         sim.activate((Counter, "c"), "inc")
 

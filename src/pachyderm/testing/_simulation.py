@@ -20,7 +20,13 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from .._core._resident import Call, Resident
 from .._entity import Entity
-from .._errors import Indeterminate, InvalidOptions, PachydermError, Unavailable
+from .._errors import (
+    Indeterminate,
+    InvalidOptions,
+    PachydermError,
+    Unavailable,
+    UnknownEntityType,
+)
 from .._world import World
 from ..backends._base import Write
 from ..backends._memory import Memory
@@ -287,6 +293,8 @@ class Simulation:
         try:
             for recording in list(self._recordings):
                 recording.close()
+            for call in self.network.drop_messages():
+                call.reply._fail(Unavailable("the simulation closed before the call was delivered"))
             self._drive(self.world.aclose(), max_time=_DAY)
         finally:
             self._closed = True
@@ -426,8 +434,15 @@ class Simulation:
         return recording
 
     def events(self, ref: tuple[type[Entity], Any], *, since: int = 0) -> None:
-        """Event streams arrive with event-sourced entities; nothing to stream yet."""
-        raise InvalidOptions("event-sourced entities are not available yet: nothing to stream")
+        """Event streams arrive with event-sourced entities: no entity type has events yet.
+
+        Raises:
+            InvalidKey: a bad ref. UnknownEntityType: always, for now (no type is event-sourced).
+        """
+        info, _ = self.world._registry.resolve(ref)
+        raise UnknownEntityType(
+            f"{info.name} is not an event-sourced entity type (event sourcing is not built yet)"
+        )
 
     def run_until_complete(self, awaitable: Awaitable[T], *, max_time: float = _DAY) -> T:
         """Run a coroutine of your own inside the simulation (it may use ``sim.world``)."""
