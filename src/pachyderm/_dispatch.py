@@ -378,6 +378,14 @@ class Dispatcher:
             self.sent(ref, [e for e, ok in zip(sends, alive[:split], strict=True) if ok])
             gone = [c for c, ok in zip(consumed, alive[split:], strict=True) if not ok]
             self._applied(ref, gone)
+            held = self.held.get(ref)
+            if gone and held:  # taken back to be retried, and applied after all: drop them
+                applied = {c.id for c in gone}
+                kept = deque(e for e in held if e.id not in applied)
+                if kept:
+                    self.held[ref] = kept
+                else:
+                    del self.held[ref]
 
     async def recheck(self, residents: list[Resident]) -> None:
         """Drop the deliveries whose outbox row is gone (applied or cancelled meanwhile).

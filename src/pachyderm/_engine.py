@@ -1,4 +1,5 @@
-"""The engine under a world: residents, the loader, the runner, commits and passivation.
+"""The engine under a world: residents, the loader, the runner and commits (passivation: see
+``_passivation``).
 
 The life of an activation: ``World.activate`` checks the ref (no I/O) and puts a ``Call`` in the
 entity's bounded mailbox. The *loader* reads entities that are not resident, in batches. The
@@ -41,12 +42,13 @@ from ._errors import (
 )
 from ._options import WorldOptions
 from ._outbox import effects_of, faults_after_commit, outbox_of
+from ._passivation import evict_over_limit, sweep
 from .backends._base import Backend, Receipt, Stored, Write
 
 __all__ = ["Engine"]
 
 _LOAD_BATCH: Final = 1000
-_EVICT_STEPS: Final = 64
+_RELOAD_AFTER: Final = 1.0  # seconds before loading again an entity whose commit is in doubt
 # Errors passed to the caller as they are (others from a handler become ActivationFailed).
 _EXPECTED: Final = (
     Timeout,
@@ -108,7 +110,7 @@ class Engine:
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
-        for coro in (self._run(), self._load_loop(), self._sweep_loop(), self.dispatcher.run()):
+        for coro in (self._run(), self._load_loop(), sweep(self), self.dispatcher.run()):
             self._tasks.append(loop.create_task(coro))
 
     def busy(self) -> bool:
@@ -151,7 +153,7 @@ class Engine:
         self.order.append(resident)
         self._request_load(resident)
         if len(self.residents) > self.options.max_resident:
-            self._evict_over_limit()
+            evict_over_limit(self)
         return resident
 
     def _request_load(self, resident: Resident) -> None:
@@ -210,6 +212,9 @@ class Engine:
     def _fail_load(self, resident: Resident, exc: BaseException) -> None:
         if self.residents.get(resident.ref) is resident:
             del self.residents[resident.ref]
+        if self.dispatcher.in_doubt([resident]):
+            # Rows it may have committed wait for its reload to be dispatched: load it again.
+            self.clock.call_later(_RELOAD_AFTER, self.resident, resident.info, resident.key)
         calls, resident.mailbox = resident.mailbox or [], None
         self.dispatcher.take_back(resident, calls)
         for call in calls:
@@ -358,6 +363,7 @@ class Engine:
                         self.observer(resident, pending, None)
                     for call in pending:  # only failures: nothing to commit or wait for
                         self._answer(resident, call, call.result)
+                    self._made_room(resident)
                     continue
                 resident.inflight = pending
                 info = resident.info
@@ -549,7 +555,9 @@ class Engine:
             resident.running = None
             if expired:
                 raise Timeout(f"the handler ran longer than {timeout} s; it was cancelled")
-            if task.cancelled():
+            if task.cancelled() or call.future.done():
+                # Withdrawn, or answered Timeout while the handler was finishing: its caller
+                # was told it did not happen, so it does not.
                 raise Timeout("the call was withdrawn while its handler ran")
             exc = task.exception()
             if exc is not None:
@@ -717,6 +725,13 @@ class Engine:
         else:
             resident.tip_version, resident.tip_data = resident.version, resident.data
             resident.tip_obj = None
+        self._made_room(resident)
+
+    def _made_room(self, resident: Resident) -> None:
+        """Calls were answered without a commit: messages held for room may go in now."""
+        held = self.dispatcher.held
+        if held and resident.ref in held:
+            self.dispatcher.flush(resident)
 
     def _answer(self, resident: Resident, call: Call, result: Any) -> None:
         resident.queued -= 1
@@ -756,6 +771,7 @@ class Engine:
         if mailbox is not None and call in mailbox:
             mailbox.remove(call)
             self._answer(resident, call, Timeout("the deadline passed before the call ran"))
+            self._made_room(resident)
         elif resident.busy and call.version is None:
             call.future.set_exception(Timeout("the deadline passed while the handler ran"))
 
@@ -767,55 +783,7 @@ class Engine:
             resident.queued -= 1
             if call.idempotency_key is not None:
                 self._forget(resident, call, Unavailable("the call was withdrawn"))
-
-    # ------------------------------------------------------------------ passivation
-
-    def _evict_over_limit(self) -> None:
-        """Passivate idle entities, least recently used first (CLOCK), until under the limit.
-
-        The hand moves at most `_EVICT_STEPS` places per new resident, so a burst of busy
-        entities (which cannot leave) costs O(1) per call; the limit is then exceeded until they
-        are idle, by at most the number of entities with calls in progress.
-        """
-        excess = len(self.residents) - self.options.max_resident
-        order, residents = self.order, self.residents
-        for _ in range(min(_EVICT_STEPS, len(order))):
-            if excess <= 0:
-                break
-            resident = order.popleft()
-            if residents.get(resident.ref) is not resident:
-                continue  # already gone: drop its place
-            if resident.hot:
-                resident.hot = False
-            elif resident.quiescent():
-                del residents[resident.ref]
-                self.stats["passivated"] += 1
-                excess -= 1
-                continue
-            order.append(resident)
-
-    async def _sweep_loop(self) -> None:
-        """Passivate idle entities and expire old idempotency receipts, periodically."""
-        interval = max(min(self.options.idle_after / 2, 60.0), 0.01)
-        next_prune = 0.0
-        order, residents = self.order, self.residents
-        while True:
-            await self.clock.sleep(interval)
-            now = self.clock.monotonic()
-            cutoff = now - self.options.idle_after
-            for _ in range(len(order)):  # one full turn of the hand
-                resident = order.popleft()
-                if residents.get(resident.ref) is not resident:
-                    continue
-                if resident.used <= cutoff and resident.quiescent():
-                    del residents[resident.ref]
-                    self.stats["passivated"] += 1
-                    continue
-                order.append(resident)
-            if now >= next_prune:
-                next_prune = now + min(self.options.receipt_ttl / 10, 3600.0)
-                with contextlib.suppress(PachydermError):
-                    await self.backend.prune_receipts(self.clock.wall() - self.options.receipt_ttl)
+            self._made_room(resident)
 
 
 def _failed(info: EntityInfo, exc: Exception, method: str = "activate") -> ActivationFailed:

@@ -339,6 +339,10 @@ class Simulation:
         engine.dispatcher.stop()
         crashed = Indeterminate("the simulated node crashed while the call ran")
         for resident in list(engine.residents.values()):
+            for _, outcome in (resident.idempotent or {}).values():
+                if not outcome.done():  # calls waiting for another call with their key
+                    outcome.set_exception(crashed)
+                    outcome.exception()  # read here: it is raised in each waiter
             running, resident.running = resident.running, None
             if running is not None:  # an async handler is running: it stops with the node
                 if running[1] is not None:
