@@ -52,6 +52,7 @@ _SCAN_PAGE: Final = 1000
 _FIRE_BATCH: Final = 1000
 _FIRST_RETRY: Final = 0.01
 _LAST_RETRY: Final = 5.0
+_COUNTED: Final = 4096
 _new_call = Call.__new__
 
 
@@ -105,8 +106,10 @@ class Dispatcher:
         # Rows sent by writes whose outcome is unknown, by sender: dispatched after the sender's
         # reload if they exist (they do if the write committed), before it commits anything else.
         self.doubt: dict[tuple[str, str], list[Envelope]] = {}
-        # Rows such writes consumed, by receiver: counted after its reload if they are gone.
-        self.doubt_consumed: dict[tuple[str, str], list[Consume]] = {}
+        # Rows such writes consumed, by receiver, with each write's (expected, version):
+        # counted after the receiver's reload if the write committed.
+        self.doubt_consumed: dict[tuple[str, str], list[tuple[int, int, tuple[Consume, ...]]]] = {}
+        self._counted: dict[EnvelopeId, None] = {}  # dead letters and timers counted, newest last
         self.stats = {"delivered": 0, "timers_fired": 0, "dead_letters": 0, "redelivered": 0}
 
     # ------------------------------------------------------------------ start and stop
@@ -180,8 +183,19 @@ class Dispatcher:
         self.sent(sender, outbox.sends)
 
     def _applied(self, receiver: tuple[str, str], consumes: Sequence[Consume]) -> None:
-        """Count (and log, for dead letters) the rows a committed write consumed."""
+        """Count (and log, for dead letters) the rows a committed write consumed.
+
+        Once each: after a commit of unknown outcome, a row found gone may have been applied by
+        an earlier commit and counted then (a duplicate delivery's write); the last
+        ``_COUNTED`` rows counted are remembered for that.
+        """
+        counted = self._counted
         for consume in consumes:
+            if consume.id in counted:
+                continue
+            counted[consume.id] = None
+            if len(counted) > _COUNTED:
+                del counted[next(iter(counted))]
             if consume.dead is not None:
                 self.stats["dead_letters"] += 1
                 log.warning(
@@ -358,17 +372,22 @@ class Dispatcher:
             return []
         return [r for r in residents if r.ref in self.doubt or r.ref in self.doubt_consumed]
 
-    async def resolve_doubt(self, residents: list[Resident]) -> None:
+    async def resolve_doubt(self, residents: list[Resident], stored: dict[Any, int]) -> None:
         """After a commit of unknown outcome: dispatch the rows it sent, if it did commit.
 
-        The rows it consumed and that are gone were applied by it (the receiver is being loaded:
-        nothing else of it ran since): they are counted, and dead letters logged, as after any
-        commit. (A timer its sender cancelled meanwhile is gone too, and counted as fired.)
+        ``stored`` is each resident's version as just loaded. A sent row exists only if its
+        write committed. A consumed row is gone if its write committed, or if it was gone
+        already (a duplicate delivery, a cancelled timer): where the write moved the entity's
+        version, the stored version says which (nothing else of the entity ran since); a write
+        that only consumed rows is taken to have committed if they are gone. Those it applied
+        are counted, and dead letters logged, as after any commit, and dropped from the held
+        queue (they were taken back to be retried).
         """
         for resident in residents:
             ref = resident.ref
             sends = self.doubt.get(ref, [])
-            consumed = self.doubt_consumed.get(ref, [])
+            writes = self.doubt_consumed.get(ref, [])
+            consumed = [c for _, _, consumes in writes for c in consumes]
             alive = await self.engine.backend.exists(
                 [e.id for e in sends] + [c.id for c in consumed]
             )
@@ -376,7 +395,14 @@ class Dispatcher:
             self.doubt_consumed.pop(ref, None)
             split = len(sends)
             self.sent(ref, [e for e, ok in zip(sends, alive[:split], strict=True) if ok])
-            gone = [c for c, ok in zip(consumed, alive[split:], strict=True) if not ok]
+            found = dict(zip([c.id for c in consumed], alive[split:], strict=True))
+            gone = [
+                c
+                for expected, version, consumes in writes
+                if version == expected or stored.get(ref, 0) >= version
+                for c in consumes
+                if not found[c.id]
+            ]
             self._applied(ref, gone)
             held = self.held.get(ref)
             if gone and held:  # taken back to be retried, and applied after all: drop them

@@ -1,5 +1,4 @@
-"""The engine under a world: residents, the loader, the runner and commits (passivation: see
-``_passivation``).
+"""The engine under a world: residents, the loader, the runner, commits (and ``_passivation``).
 
 The life of an activation: ``World.activate`` checks the ref (no I/O) and puts a ``Call`` in the
 entity's bounded mailbox. The *loader* reads entities that are not resident, in batches. The
@@ -201,7 +200,12 @@ class Engine:
             if recheck or doubt:
                 try:
                     await self.dispatcher.recheck(recheck)
-                    await self.dispatcher.resolve_doubt(doubt)
+                    if doubt:
+                        stored = {
+                            r.ref: 0 if row is None else row.version
+                            for r, row in zip(batch, rows, strict=True)
+                        }
+                        await self.dispatcher.resolve_doubt(doubt, stored)
                 except PachydermError as exc:
                     for resident in batch:
                         self._fail_load(resident, exc)
@@ -623,7 +627,7 @@ class Engine:
                         dispatcher.doubt.setdefault(resident.ref, []).extend(outbox.sends)
                     if outbox.consumes:
                         consumed = dispatcher.doubt_consumed.setdefault(resident.ref, [])
-                        consumed.extend(outbox.consumes)
+                        consumed.append((write.expected, write.version, outbox.consumes))
                 self._lost(resident, exc, reload=True)
             return
         except PachydermError as exc:
@@ -666,8 +670,10 @@ class Engine:
             resident.queued -= len(inflight)
             for call in inflight:
                 future = call.future
-                if future is SINK:
-                    continue  # a delivery: nobody waits for an answer
+                if future is SINK:  # a delivery: nobody waits for an answer
+                    if call.version is None:
+                        self.stats["failures"] += 1  # a dead letter
+                    continue
                 if call.idempotency_key is not None:
                     self._forget(resident, call, call.result)
                 if not future.done():

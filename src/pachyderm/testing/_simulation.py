@@ -317,8 +317,9 @@ class Simulation:
     def restart(self) -> None:
         """Crash the world and start a new one on the stored state (like a killed process).
 
-        What was committed stays; nothing in memory survives. Calls not yet run fail with
-        ``Unavailable``, calls running or committing with ``Indeterminate``; messages in flight
+        What was committed stays; nothing in memory survives. Calls whose commit was in flight
+        fail with ``Indeterminate``, the others (queued, running, run and not yet sent to the
+        storage) with ``Unavailable``: nothing of theirs committed; messages in flight
         are delivered again from the outbox; followers (``follow``) subscribe again after the
         last version they saw.
         """
@@ -337,7 +338,8 @@ class Simulation:
         world._serving = False
         world._closed = True
         engine.dispatcher.stop()
-        crashed = Indeterminate("the simulated node crashed while the call ran")
+        crashed = Indeterminate("the simulated node crashed while the call was committing")
+        stopped = Unavailable("the simulated node crashed before the call committed")
         for resident in list(engine.residents.values()):
             for _, outcome in (resident.idempotent or {}).values():
                 if not outcome.done():  # calls waiting for another call with their key
@@ -348,16 +350,12 @@ class Simulation:
                 if running[1] is not None:
                     running[1].cancel()
                 if not running[0].future.done():
-                    running[0].future.set_exception(crashed)
+                    running[0].future.set_exception(stopped)
             for name in ("mailbox", "pending", "inflight"):
                 for call in getattr(resident, name) or ():
                     if not call.future.done():
-                        if name == "mailbox" and call.version is None:
-                            call.future.set_exception(
-                                Unavailable("the simulated node crashed before the call ran")
-                            )
-                        else:
-                            call.future.set_exception(crashed)
+                        # Only a commit in flight may have happened; the others did not.
+                        call.future.set_exception(crashed if name == "inflight" else stopped)
         for call in self.network.drop_messages():
             call.reply._fail(Unavailable("the simulated node crashed before the call reached it"))
         for channels in engine.channels.values():
@@ -502,7 +500,9 @@ class Simulation:
         if counts["messages"] or counts["timers"]:
             return False
         dispatcher = engine.dispatcher
-        return not (dispatcher.held or dispatcher.doubt or engine.busy())
+        return not (
+            dispatcher.held or dispatcher.doubt or dispatcher.doubt_consumed or engine.busy()
+        )
 
     def pending(self) -> dict[str, int]:
         """What is waiting: in the network, in held queues, and in the outbox (stored)."""
