@@ -216,6 +216,12 @@ class Simulation:
     Use it from ordinary (``def``) tests; it cannot run inside another running event loop.
     ``with Simulation(...) as sim:`` closes it, and prints the seed and the faults if the block
     raised.
+
+    Durability: what a call was answered with is committed to the simulation's memory backend,
+    which ``restart()`` keeps (a crash loses only memory); nothing outlives the object.
+    Interruption: a call stopped by an exception from outside (``KeyboardInterrupt``) leaves
+    the loop wherever it was; the world is consistent (its commits are atomic) but the
+    simulation should only be closed then.
     """
 
     def __init__(
