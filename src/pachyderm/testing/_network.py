@@ -13,7 +13,8 @@ goes to the back of its pair's queue), a pair held back for a while (the others 
 Nothing here decides whether a message is applied: the real dispatcher and engine do, as in
 production.
 
-Mutable state, on the simulation's loop only: ``pairs``, ``not_before``, ``delivered``.
+Mutable state, on the simulation's loop only: ``arrived``, ``pairs``, ``not_before``, ``armed``,
+``delivered``, ``log``.
 """
 
 from __future__ import annotations
@@ -219,11 +220,7 @@ class Network:
         first: dict[Pair, int] = {}
         repeated: dict[Pair, list[int]] | None = None
         for i, item in enumerate(items):
-            pair = (
-                item.pair
-                if type(item) is ClientCall
-                else (item.sender_type, item.sender_key, item.to_type, item.to_key)  # type: ignore[union-attr]
-            )
+            pair = _pair(item)
             j = first.setdefault(pair, i)
             if j != i:
                 if repeated is None:
