@@ -216,7 +216,7 @@ class Engine:
     def _fail_load(self, resident: Resident, exc: BaseException) -> None:
         if self.residents.get(resident.ref) is resident:
             del self.residents[resident.ref]
-        if self.dispatcher.in_doubt([resident]):
+        if self.dispatcher.in_doubt([resident]) and not self.dispatcher.closing:
             # Rows it may have committed wait for its reload to be dispatched: load it again.
             self.clock.call_later(_RELOAD_AFTER, self.resident, resident.info, resident.key)
         calls, resident.mailbox = resident.mailbox or [], None
