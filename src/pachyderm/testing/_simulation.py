@@ -203,7 +203,9 @@ class Simulation:
     Args:
         entities: the entity types, as for ``World``.
         seed: an int; the same seed replays the same run exactly (the order of deliveries, of
-            activations, and every fault drawn).
+            activations, and every fault drawn). Or a ``random.Random`` to draw every choice
+            from, such as Hypothesis's ``st.randoms()`` (``schedules(shrink=True)``), which then
+            shrinks the choices themselves and replays a failure by its own means.
         faults: how often faults are injected (``Faults``); none by default. Faults can also be
             armed one at a time: ``duplicate()``, ``delay()``, ``crash_commit()``, ``restart()``.
         name: the world's name.
@@ -228,7 +230,7 @@ class Simulation:
         self,
         entities: Iterable[type[Entity]] = (),
         *,
-        seed: int = 0,
+        seed: int | random.Random = 0,
         faults: Faults | None = None,
         name: str = "default",
         history: int = 1_000_000,
@@ -237,16 +239,16 @@ class Simulation:
     ) -> None:
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise InvalidOptions(f"history is the most steps kept, an int >= 0; got {history!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InvalidOptions(f"a simulation's seed is an int; got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | random.Random):
+            raise InvalidOptions(f"a simulation's seed is an int or a random.Random; got {seed!r}")
         if faults is not None and not isinstance(faults, Faults):
             raise InvalidOptions(f"faults is a pachyderm.testing.Faults; got {faults!r:.60}")
-        self.seed = seed
+        self.seed: int | None = seed if isinstance(seed, int) else None
         self.faults = faults or Faults()
         self.entities = tuple(entities)
         self._name = name
         self._options = options
-        self.rng = random.Random(seed)
+        self.rng = seed if isinstance(seed, random.Random) else random.Random(seed)
         self._loop = VirtualLoop(self._idle)
         self._clock = _Clock(self._loop)
         self.backend = _Storage(self._crash_decision)
@@ -614,8 +616,9 @@ class Simulation:
 
     def report(self) -> str:
         """The seed and every fault injected: what a failing test prints, to replay the run."""
+        seed = "a random.Random of the test's" if self.seed is None else self.seed
         lines = [
-            f"pachyderm simulation: seed={self.seed}, faults={self.faults!r}, "
+            f"pachyderm simulation: seed={seed}, faults={self.faults!r}, "
             f"virtual time {self._loop.now:.3f} s, {self.steps_recorded} steps, "
             f"{self.faults_injected} faults injected"
         ]
@@ -625,7 +628,10 @@ class Simulation:
         lines += [f"  {text}" for text in notes[:50]]
         if len(notes) > 50:
             lines.append(f"  ... and {len(notes) - 50} more")
-        lines.append(f"replay with Simulation(..., seed={self.seed}, faults={self.faults!r})")
+        if self.seed is not None:
+            lines.append(f"replay with Simulation(..., seed={self.seed}, faults={self.faults!r})")
+        else:
+            lines.append("replay with the same random.Random (Hypothesis replays its own draws)")
         return "\n".join(lines)
 
     def _observe(
