@@ -466,3 +466,11 @@ def test_hypothesis_finds_the_order_that_matters(
         assert not isinstance(found.seed, int)
     else:
         assert _bob_wins_an_unfair_game(found)  # the seed replays: the same order, bob again
+
+
+def test_the_test_kit_imports_no_test_framework() -> None:
+    code = (
+        "import sys, pachyderm.testing; print('pytest' in sys.modules, 'hypothesis' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
