@@ -151,6 +151,26 @@ async def test_a_bad_effect_fails_the_activation_and_commits_nothing(
         assert [k async for k in w.list(Bad)] == []
 
 
+class Picklish(pachyderm.Entity):
+    """Opts in to pickle for its state; sends whatever it gets to Ledger("k")."""
+
+    pickle = True
+
+    def activate(self, message: Any, state: Any) -> Any:
+        return Update(state, send((Ledger, "k"), message))
+
+
+async def test_messages_are_never_pickled_even_from_a_pickling_type(
+    make_backend: MakeBackend,
+) -> None:
+    # Pickle is for an entity's own stored state only: messages (which later travel between
+    # nodes) always go through the untyped MessagePack codec, so what it cannot encode is refused.
+    async with pachyderm.World(make_backend(), entities=[*ALL, Picklish]) as w:
+        with pytest.raises(pachyderm.SerializationError):
+            await w.activate((Picklish, "p"), {1, 2})  # a set: picklable, not MessagePack
+        assert w.statistics()["outbox"] == {"messages": 0, "timers": 0, "dead": 0}
+
+
 async def test_too_many_effects(make_backend: MakeBackend) -> None:
     async with pachyderm.World(make_backend(), entities=ALL, max_effects=3) as w:
         with pytest.raises(pachyderm.TooManyEffects):
