@@ -11,12 +11,15 @@ import pytest
 
 import pachyderm
 import pachyderm.backends
+import pachyderm.history
 import pachyderm.testing
 
 SURFACE = {
     "pachyderm": [
         "ActivationFailed",
         "Entity",
+        "EntityBroken",
+        "EventSourced",
         "IncompatibleVersion",
         "Indeterminate",
         "InvalidKey",
@@ -39,6 +42,7 @@ SURFACE = {
         "after",
         "backends",
         "cancel",
+        "history",
         "send",
     ],
     "pachyderm.backends": [
@@ -53,6 +57,12 @@ SURFACE = {
         "Stored",
         "Write",
         "open",
+    ],
+    "pachyderm.history": [
+        "Replay",
+        "check",
+        "export",
+        "replay",
     ],
     "pachyderm.testing": [
         "BackendCase",
@@ -79,11 +89,13 @@ SURFACE = {
 MODULES = {
     "pachyderm": pachyderm,
     "pachyderm.backends": pachyderm.backends,
+    "pachyderm.history": pachyderm.history,
     "pachyderm.testing": pachyderm.testing,
 }
 # The errors of `pachyderm`, each a noun of what went wrong.
 ERRORS = [
     "ActivationFailed",
+    "EntityBroken",
     "IncompatibleVersion",
     "Indeterminate",
     "InvalidKey",

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from . import backends as backends
+from . import history as history
 from ._effects import after as after
 from ._effects import cancel as cancel
 from ._effects import send as send
 from ._entity import MAX_KEY_BYTES as MAX_KEY_BYTES
 from ._entity import Entity as Entity
+from ._entity import EventSourced as EventSourced
 from ._entity import Update as Update
 from ._errors import ActivationFailed as ActivationFailed
+from ._errors import EntityBroken as EntityBroken
 from ._errors import IncompatibleVersion as IncompatibleVersion
 from ._errors import Indeterminate as Indeterminate
 from ._errors import InvalidKey as InvalidKey
@@ -32,6 +35,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Entity",
+    "EventSourced",
     "Update",
     "send",
     "after",
@@ -40,10 +44,12 @@ __all__ = [
     "WorldOptions",
     "Worker",
     "backends",
+    "history",
     "MAX_KEY_BYTES",
     # errors
     "PachydermError",
     "ActivationFailed",
+    "EntityBroken",
     "IncompatibleVersion",
     "Indeterminate",
     "InvalidKey",

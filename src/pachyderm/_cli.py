@@ -16,16 +16,17 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import msgspec
 
-from . import __version__, backends
+from . import __version__, _history, backends
 from ._entity import Entity
 from ._errors import PachydermError, SerializationError, UnknownEntityType
 from ._world import World
@@ -43,6 +44,13 @@ _APP_HELP: Final = (
 _JSON_HELP: Final = (
     "MESSAGE_JSON is JSON: a string is quoted ('\"increment\"'), an array arrives as a Python "
     "list, an object as a dict. States are printed as JSON, one per line."
+)
+_HISTORY_HELP: Final = (
+    "REF is TypeName:key, TypeName a class name or stored name of an event-sourced type of APP "
+    "(the key is everything after the first colon). A history file is JSON lines: a header, "
+    "one line per event, the stored snapshot, the final state (see docs/events.md). "
+    "Exit status: 0 when the replay agrees, 1 when it diverges (the reason is printed) or for "
+    "an error of Pachyderm, 2 for a usage error."
 )
 
 
@@ -117,7 +125,48 @@ def _parser() -> argparse.ArgumentParser:
     list_ = add("list", _run_list, "print the keys of the stored entities of a type, one per line")
     _add_ref(list_, key=False)
     list_.add_argument("--prefix", default="", help="only keys starting with this")
+    _add_history(commands, common)
     return parser
+
+
+def _add_history(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``pachyderm history export|replay|check``: the history of an event-sourced entity."""
+    about = "export an event-sourced entity's history as JSON lines; replay or check it"
+    history = commands.add_parser("history", help=about, description=about, epilog=_HISTORY_HELP)
+    actions = history.add_subparsers(metavar="ACTION", required=True)
+
+    def add(name: str, run: Callable[[argparse.Namespace], int], help: str, db: bool) -> Any:
+        sub = actions.add_parser(
+            name,
+            parents=[common] if db else [],
+            help=help,
+            description=help,
+            epilog=f"{_APP_HELP} {_HISTORY_HELP}",
+        )
+        sub.set_defaults(command=run, parser=sub)
+        sub.add_argument("app", metavar="APP", help="the file or module of the entity types")
+        return sub
+
+    export = add("export", _run_history_export, "write an entity's history as JSON lines", True)
+    export.add_argument("ref", metavar="REF", help="TypeName:key")
+    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
+    replay = add(
+        "replay",
+        _run_history_replay,
+        "fold a history file twice with APP's apply(); say where it diverges",
+        False,
+    )
+    replay.add_argument("file", metavar="FILE", help="a file written by export (- for stdin)")
+    replay.add_argument(
+        "--type", metavar="NAME", help="the entity type (default: the one the header names)"
+    )
+    check = add(
+        "check",
+        _run_history_check,
+        "fold the stored events twice; compare with the stored snapshot and state",
+        True,
+    )
+    check.add_argument("ref", metavar="REF", help="TypeName:key")
 
 
 def _add_ref(parser: argparse.ArgumentParser, *, key: bool = True) -> None:
@@ -177,6 +226,86 @@ def _run_list(args: argparse.Namespace) -> int:
             print(key)
 
     return _one_shot(args, run)
+
+
+def _run_history_export(args: argparse.Namespace) -> int:
+    types = entity_types(load_app(args.app))
+    cls, key = _ref(types, args.ref, args.app)
+    out = sys.stdout if args.output is None else _open(args.output, write=True)
+
+    async def run(world: World) -> int:
+        count = await _history.export(world, (cls, key), out)
+        if out is not sys.stdout:
+            print(f"{count} events of {args.ref} written to {args.output}", file=sys.stderr)
+        return 0
+
+    try:
+        return _with_world(args, types, run)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def _run_history_replay(args: argparse.Namespace) -> int:
+    types = entity_types(load_app(args.app))
+    file = sys.stdin if args.file == "-" else _open(args.file, write=False)
+    try:
+        lines = iter(file)
+        first = next(lines, "")
+        name = args.type if args.type is not None else _history.read_header(first).type
+        cls = find_type(types, name, args.app)
+        result = _history.replay(cls, itertools.chain([first], lines))  # type: ignore[arg-type]
+    finally:
+        if file is not sys.stdin:
+            file.close()
+    return _verdict(result)
+
+
+def _run_history_check(args: argparse.Namespace) -> int:
+    types = entity_types(load_app(args.app))
+    cls, key = _ref(types, args.ref, args.app)
+
+    async def run(world: World) -> int:
+        return _verdict(await _history.check(world, (cls, key)))
+
+    return _with_world(args, types, run)
+
+
+def _ref(types: Sequence[type[Entity]], ref: str, app: str) -> tuple[type[Entity], str]:
+    name, colon, key = ref.partition(":")
+    if not colon or not name:
+        raise UsageError(f"REF {ref!r} is TypeName:key (for example Account:alice)")
+    return find_type(types, name, app), key
+
+
+def _open(path: str, *, write: bool) -> TextIO:
+    """Open a history file (UTF-8); an OS error is a usage error."""
+    try:
+        if write:
+            return open(path, "w", encoding="utf-8", newline="\n")
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"FILE {path!r}: {exc.strerror or exc}") from None
+
+
+def _verdict(result: _history.Replay) -> int:
+    """Print a replay's reason: ``ok: ...`` (status 0) or ``diverged: ...`` (status 1)."""
+    print(f"{'ok' if result.ok else 'diverged'}: {result.reason}")
+    return 0 if result.ok else 1
+
+
+def _with_world(
+    args: argparse.Namespace,
+    types: list[type[Entity]],
+    run: Callable[[World], Awaitable[int]],
+) -> int:
+    """Open the world of ``--db`` with ``types``, ``return await run(world)``, close it."""
+
+    async def main() -> int:
+        async with World(backends.open(_url(args)), entities=types, name=args.world) as world:
+            return await run(world)
+
+    return asyncio.run(main())
 
 
 def _one_shot(

@@ -262,7 +262,7 @@ class Dispatcher:
         call.idempotency_key = None
         call.version = None
         call.delivery = envelope
-        call.effects = None
+        call.effects = call.events = None
         self.engine.post(resident, call)
         self.stats["delivered"] += 1
         if _faults.hook is not None:

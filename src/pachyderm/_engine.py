@@ -20,14 +20,11 @@ from typing import Any, Final
 
 from . import _faults
 from ._clock import Clock
-from ._codec import UNTYPED, PickleCodec
 from ._core._follow import Channel
 from ._core._resident import LOADING, READY, STALE, Call, Resident
 from ._dispatch import SINK, Dispatcher
 from ._entity import EntityInfo, Registry, Update
 from ._errors import (
-    ActivationFailed,
-    IncompatibleVersion,
     Indeterminate,
     InvalidKey,
     InvalidOptions,
@@ -38,16 +35,18 @@ from ._errors import (
     TooLarge,
     Unavailable,
     UnknownEntityType,
+    failed,
 )
+from ._events import EventChannel, push_events
+from ._eventsourced import event_write, run_events
+from ._loader import load_loop
 from ._options import WorldOptions
 from ._outbox import effects_of, faults_after_commit, outbox_of
 from ._passivation import evict_over_limit, sweep
-from .backends._base import Backend, Receipt, Stored, Write
+from .backends._base import Backend, Receipt, Write
 
 __all__ = ["Engine"]
 
-_LOAD_BATCH: Final = 1000
-_RELOAD_AFTER: Final = 1.0  # seconds before loading again an entity whose commit is in doubt
 # Errors passed to the caller as they are (others from a handler become ActivationFailed).
 _EXPECTED: Final = (
     Timeout,
@@ -82,6 +81,8 @@ class Engine:
         # Followers by entity; a dict used as an ordered set, so that they are told in the order
         # they subscribed (a set of objects would order them by address: runs would not replay).
         self.channels: dict[tuple[str, str], dict[Channel, None]] = {}
+        # Readers of the event streams of event-sourced entities, the same way.
+        self.event_channels: dict[tuple[str, str], dict[EventChannel, None]] = {}
         self.commits: set[asyncio.Task[None]] = set()
         self.stats = {
             "activations": 0,
@@ -93,11 +94,11 @@ class Engine:
             "passivated": 0,
         }
         self.ready: deque[Resident] = deque()
-        self._to_load: dict[tuple[str, str], Resident] = {}
+        self.to_load: dict[tuple[str, str], Resident] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.run_waiter: asyncio.Future[None] | None = None
-        self._load_waiter: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.load_waiter: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         # Read on every activation: copied out of the options once.
         self._turn_budget = options.turn_budget
         self._max_state_bytes = options.max_state_bytes
@@ -108,8 +109,8 @@ class Engine:
         self.observer: Callable[[Resident, list[Call], PachydermError | None], None] | None = None
 
     def start(self) -> None:
-        self._loop = loop = asyncio.get_running_loop()
-        for coro in (self._run(), self._load_loop(), sweep(self), self.dispatcher.run()):
+        self.loop = loop = asyncio.get_running_loop()
+        for coro in (self._run(), load_loop(self), sweep(self), self.dispatcher.run()):
             self._tasks.append(loop.create_task(coro))
 
     def busy(self) -> bool:
@@ -137,6 +138,10 @@ class Engine:
             for channel in channels:
                 channel.close()
         self.channels.clear()
+        for event_channels in self.event_channels.values():
+            for event_channel in event_channels:
+                event_channel.close()
+        self.event_channels.clear()
 
     # ------------------------------------------------------------------ residents and loading
 
@@ -157,8 +162,8 @@ class Engine:
 
     def _request_load(self, resident: Resident) -> None:
         resident.phase = LOADING
-        self._to_load[resident.ref] = resident
-        waiter = self._load_waiter
+        self.to_load[resident.ref] = resident
+        waiter = self.load_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -167,127 +172,18 @@ class Engine:
 
         Raises the entity's error (``IncompatibleVersion``, ...) if it cannot be used here.
         """
-        assert self._loop is not None
+        assert self.loop is not None
         while True:
             resident = self.resident(info, key)
             if resident.phase == READY:
                 if resident.error is not None:
                     raise resident.error
                 return resident
-            future: asyncio.Future[None] = self._loop.create_future()
+            future: asyncio.Future[None] = self.loop.create_future()
             if resident.loaded is None:
                 resident.loaded = []
             resident.loaded.append(future)
             await future
-
-    async def _load_loop(self) -> None:
-        assert self._loop is not None
-        while True:
-            if not self._to_load:
-                self._load_waiter = self._loop.create_future()
-                await self._load_waiter
-                continue
-            batch = [self._to_load.pop(ref) for ref in list(self._to_load)[:_LOAD_BATCH]]
-            try:
-                rows: Sequence[Stored | None] = await self.backend.load_many([r.ref for r in batch])
-            except PachydermError as exc:
-                for resident in batch:
-                    self._fail_load(resident, exc)
-                continue
-            self.stats["loads"] += len(batch)
-            recheck = [r for r in batch if r.recheck]
-            doubt = self.dispatcher.in_doubt(batch)
-            if recheck or doubt:
-                try:
-                    await self.dispatcher.recheck(recheck)
-                    if doubt:
-                        stored = {
-                            r.ref: 0 if row is None else row.version
-                            for r, row in zip(batch, rows, strict=True)
-                        }
-                        await self.dispatcher.resolve_doubt(doubt, stored)
-                except PachydermError as exc:
-                    for resident in batch:
-                        self._fail_load(resident, exc)
-                    continue
-            for resident, row in zip(batch, rows, strict=True):
-                self._install(resident, row)
-
-    def _fail_load(self, resident: Resident, exc: BaseException) -> None:
-        if self.residents.get(resident.ref) is resident:
-            del self.residents[resident.ref]
-        if self.dispatcher.in_doubt([resident]) and not self.dispatcher.closing:
-            # Rows it may have committed wait for its reload to be dispatched: load it again.
-            self.clock.call_later(_RELOAD_AFTER, self.resident, resident.info, resident.key)
-        calls, resident.mailbox = resident.mailbox or [], None
-        self.dispatcher.take_back(resident, calls)
-        for call in calls:
-            self._answer(resident, call, exc)
-        self._wake_loaded(resident, exc)
-
-    def _wake_loaded(self, resident: Resident, exc: BaseException | None = None) -> None:
-        waiters, resident.loaded = resident.loaded, None
-        for future in waiters or ():
-            if not future.done():
-                if exc is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(exc)
-
-    def _install(self, resident: Resident, row: Stored | None) -> None:
-        """Make a loaded row the resident's committed state (upgrading or refusing it)."""
-        info = resident.info
-        resident.error = None
-        try:
-            if row is None:
-                version, data = 0, self._encode_init(resident)
-            elif row.type_version > info.version:
-                version, data = row.version, b""
-                resident.error = IncompatibleVersion(
-                    f"{info.name}:{resident.key!r:.60} was stored by version {row.type_version} "
-                    f"of the type; this code is version {info.version}"
-                )
-            elif row.type_version < info.version:
-                version, data = row.version, self._upgrade(resident, row)
-            else:
-                version, data = row.version, row.data
-                if info.codec is not UNTYPED:
-                    info.codec.decode(data)  # refuse bytes that do not fit the declared type now
-        except PachydermError as exc:
-            version, data = (0 if row is None else row.version), b""
-            resident.error = exc
-        resident.version = resident.tip_version = version
-        resident.data = resident.tip_data = data
-        resident.tip_obj = None
-        resident.phase = READY
-        channels = self.channels.get(resident.ref)
-        if channels and resident.error is None:
-            for channel in channels:  # another writer may have moved it on: tell followers
-                channel.push(version, data)
-        self._wake_loaded(resident)
-        if resident.mailbox:
-            self.schedule(resident)
-
-    def _encode_init(self, resident: Resident) -> bytes:
-        entity = resident.info.cls(resident.key)
-        try:
-            state = entity.init()
-        except Exception as exc:
-            raise _failed(resident.info, exc, "init") from exc
-        return resident.info.codec.encode(state)
-
-    def _upgrade(self, resident: Resident, row: Stored) -> bytes:
-        info = resident.info
-        raw_codec = info.codec if isinstance(info.codec, PickleCodec) else UNTYPED
-        raw = raw_codec.decode(row.data)
-        entity = info.cls(resident.key)
-        try:
-            state = entity.upgrade(raw, row.type_version)
-        except Exception as exc:
-            raise _failed(info, exc, "upgrade") from exc
-        data = info.codec.encode(state)
-        info.codec.decode(data)
-        return data
 
     # ------------------------------------------------------------------ running
 
@@ -320,7 +216,7 @@ class Engine:
         One pass over every ready entity per event loop iteration; the work for one entity is
         inlined here because this loop runs once per entity per turn.
         """
-        assert self._loop is not None
+        assert self.loop is not None
         ready = self.ready
         max_batch = self.options.max_batch
         budget = self._turn_budget
@@ -328,7 +224,7 @@ class Engine:
         new_write = Write.__new__
         while True:
             if not ready:
-                self.run_waiter = self._loop.create_future()
+                self.run_waiter = self.loop.create_future()
                 await self.run_waiter
                 continue
             writes: list[Write] = []
@@ -349,7 +245,10 @@ class Engine:
                         del mailbox[:budget]
                         self.schedule(resident)  # used its turn budget: back of the line
                     try:
-                        run_batch(resident, batch)
+                        if resident.info.events is None:
+                            run_batch(resident, batch)
+                        else:
+                            run_events(self, resident, batch)
                     except Exception as exc:  # an engine bug: fail these calls, keep serving
                         self._crash(resident, exc, batch)
                         continue
@@ -366,7 +265,7 @@ class Engine:
                     if self.observer is not None:
                         self.observer(resident, pending, None)
                     for call in pending:  # only failures: nothing to commit or wait for
-                        self._answer(resident, call, call.result)
+                        self.answer(resident, call, call.result)
                     self._made_room(resident)
                     continue
                 resident.inflight = pending
@@ -381,6 +280,11 @@ class Engine:
                 write.data = resident.tip_data
                 write.receipts = self._receipts(pending) if resident.idempotent else ()
                 write.outbox = outbox
+                if info.events is None:
+                    write.events = None
+                    write.snapshot = False
+                else:
+                    event_write(write, info, pending)
                 writes.append(write)
                 owners.append(resident)
             if writes:
@@ -405,7 +309,7 @@ class Engine:
         """
         info = resident.info
         if resident.error is not None:  # it cannot run here (e.g. a newer stored version)
-            self._refuse_batch(resident, batch)
+            self.refuse_batch(resident, batch)
             return
         decode = info.codec.decode
         encode_scalar = info.encode_scalar
@@ -462,7 +366,7 @@ class Engine:
                 if call.delivery is not None:
                     resident.fx = True
             except Exception as exc:
-                call.result = _failed(info, exc)
+                call.result = failed(info.name, exc)
                 if call.delivery is not None:
                     resident.fx = True
             else:
@@ -480,7 +384,7 @@ class Engine:
         resident.tip_version, resident.tip_data, resident.tip_obj = tip, tip_data, tip_obj
         self.stats["activations"] += tip - first
 
-    def _refuse_batch(self, resident: Resident, batch: list[Call]) -> None:
+    def refuse_batch(self, resident: Resident, batch: list[Call]) -> None:
         batch = list(batch)
         self.dispatcher.take_back(resident, batch)  # they wait for a node that can apply them
         for call in batch:
@@ -522,12 +426,12 @@ class Engine:
 
     def _run_async(self, resident: Resident, call: Call, coro: Any, rest: list[Call]) -> None:
         """Run an ``async def`` handler as its own task; the entity waits for it (one at a time)."""
-        assert self._loop is not None
+        assert self.loop is not None
         if rest:  # the calls after it wait their turn, at the front of the mailbox
             resident.mailbox = rest + (resident.mailbox or [])
         resident.busy = True
         resident.running = (call, None)
-        self._loop.create_task(self._finish_async(resident, call, coro))
+        self.loop.create_task(self._finish_async(resident, call, coro))
 
     async def _finish_async(self, resident: Resident, call: Call, coro: Any) -> None:
         timeout = self.options.activation_timeout
@@ -570,7 +474,7 @@ class Engine:
         except _EXPECTED as exc:
             call.result = exc
         except Exception as exc:
-            call.result = _failed(resident.info, exc)
+            call.result = failed(resident.info.name, exc)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -607,8 +511,8 @@ class Engine:
                 resident.tip_version, resident.tip_data = call.version, call.data
 
     def _send(self, writes: list[Write], owners: list[Resident]) -> None:
-        assert self._loop is not None
-        task = self._loop.create_task(self._commit(writes, owners))
+        assert self.loop is not None
+        task = self.loop.create_task(self._commit(writes, owners))
         self.commits.add(task)
         task.add_done_callback(self.commits.discard)
 
@@ -643,6 +547,7 @@ class Engine:
             return
         now = self.clock.monotonic()
         channels = self.channels
+        event_channels = self.event_channels
         schedule = self.schedule
         dispatcher = self.dispatcher
         held = dispatcher.held
@@ -666,12 +571,14 @@ class Engine:
                 dispatcher.committed(resident, write)
             if channels and resident.ref in channels:
                 self._notify(channels[resident.ref], inflight)
+            if write.events and event_channels and resident.ref in event_channels:
+                push_events(event_channels[resident.ref], write)
             # The output gate opens here, after the commit (an inlined `_answer` per call).
             resident.queued -= len(inflight)
             for call in inflight:
                 future = call.future
                 if future is SINK:  # a delivery: nobody waits for an answer
-                    if call.version is None:
+                    if isinstance(call.result, BaseException):
                         self.stats["failures"] += 1  # a dead letter
                     continue
                 if call.idempotency_key is not None:
@@ -709,7 +616,7 @@ class Engine:
             if running[1] is not None:
                 running[1].cancel()
         for call in calls:
-            call.version = call.data = call.result = call.effects = None
+            call.version = call.data = call.result = call.effects = call.events = None
             if call.delivery is not None:
                 resident.recheck = True
         resident.inflight = resident.pending = None
@@ -725,7 +632,7 @@ class Engine:
             self.observer(resident, inflight, exc)
         self.dispatcher.take_back(resident, inflight)
         for call in inflight:
-            self._answer(resident, call, exc)
+            self.answer(resident, call, exc)
         if reload or resident.pending or resident.running is not None:
             self._rerun(resident)
         else:
@@ -739,7 +646,7 @@ class Engine:
         if held and resident.ref in held:
             self.dispatcher.flush(resident)
 
-    def _answer(self, resident: Resident, call: Call, result: Any) -> None:
+    def answer(self, resident: Resident, call: Call, result: Any) -> None:
         resident.queued -= 1
         if call.idempotency_key is not None:
             self._forget(resident, call, result)
@@ -776,7 +683,7 @@ class Engine:
         mailbox = resident.mailbox
         if mailbox is not None and call in mailbox:
             mailbox.remove(call)
-            self._answer(resident, call, Timeout("the deadline passed before the call ran"))
+            self.answer(resident, call, Timeout("the deadline passed before the call ran"))
             self._made_room(resident)
         elif resident.busy and call.version is None:
             call.future.set_exception(Timeout("the deadline passed while the handler ran"))
@@ -790,11 +697,3 @@ class Engine:
             if call.idempotency_key is not None:
                 self._forget(resident, call, Unavailable("the call was withdrawn"))
             self._made_room(resident)
-
-
-def _failed(info: EntityInfo, exc: Exception, method: str = "activate") -> ActivationFailed:
-    if isinstance(exc, ActivationFailed):
-        return exc
-    error = ActivationFailed(f"{info.name}.{method} raised {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error

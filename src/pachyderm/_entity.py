@@ -14,6 +14,7 @@ from ._errors import InvalidKey, InvalidOptions, UnknownEntityType
 __all__ = [
     "MAX_KEY_BYTES",
     "Entity",
+    "EventSourced",
     "EntityInfo",
     "Registry",
     "Update",
@@ -88,6 +89,57 @@ class Entity:
         return state
 
 
+class EventSourced(Entity):
+    """The base class of an event-sourced entity type: it stores events, not states.
+
+    Write ``handle(self, command, state)``, which decides: it returns a list of events (or an
+    ``Update`` of a list of events and effects), or raises to refuse the command (nothing is
+    appended). Write ``apply(self, event, state)``, which folds one event into the state: pure,
+    deterministic, and it must not fail. The state is ``init()`` folded with every event.
+
+    Class attributes, besides those of ``Entity`` (``name``, ``version``, ``state_type``):
+        event_type: a type msgspec understands, that events are validated against
+            (``None``, the default: builtin values, as for states).
+        snapshot_every: the state is stored with the events every this many events (default
+            100), so that loading folds at most that many; ``None`` never snapshots.
+
+    Events carry the type's ``version``; an event written by an older version is passed through
+    ``upgrade_event`` when it is read. See ``docs/events.md``.
+    """
+
+    event_type: ClassVar[Any] = None
+    snapshot_every: ClassVar[int | None] = 100
+
+    def handle(self, command: Any, state: Any) -> Any:
+        """Return the events ``command`` produces on ``state`` (a list, or an ``Update``).
+
+        Must be pure, like ``Entity.activate``: it may run more than once for one command (after
+        a commit conflict); only one run commits. An empty list appends nothing and returns the
+        current state. Effects need at least one event (they are consequences of facts).
+        Raise ``pachyderm.Rejected`` to refuse the command, any other exception for a failure.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__}.handle is not written")
+
+    def apply(self, event: Any, state: Any) -> Any:
+        """Return ``state`` with ``event`` applied. Pure, deterministic, must not raise.
+
+        If it raises, the entity is broken (``EntityBroken`` for every call) until the code is
+        fixed; nothing stored is changed.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__}.apply is not written")
+
+    def upgrade_event(self, event: Any, from_version: int) -> Any:
+        """Return ``event``, written by ``from_version`` of this type, in the current shape.
+
+        ``event`` is decoded without the declared ``event_type`` (plain dicts and lists).
+        The default returns it unchanged.
+        """
+        return event
+
+    def activate(self, message: Any, state: Any) -> Any:  # pragma: no cover - never called
+        raise TypeError("an event-sourced entity is run by handle() and apply()")
+
+
 @dataclass(slots=True, init=False)
 class Update:
     """A new state plus effects, committed atomically with it. Treat it as immutable.
@@ -139,9 +191,12 @@ class EntityInfo:
         "codec",
         "custom_key",
         "encode_scalar",
+        "event_shareable",
+        "events",
         "is_async",
         "name",
         "shareable",
+        "snapshot_every",
         "version",
     )
 
@@ -157,6 +212,15 @@ class EntityInfo:
         self.shareable: frozenset[type] = IMMUTABLE if untyped else frozenset()
         # msgspec's own encoder: for the `shareable` scalars, which need no preparation.
         self.encode_scalar = UNTYPED.raw_encode
+        # The codec of events, for an event-sourced type; None for a state entity type.
+        self.events: Codec | None = None
+        self.snapshot_every = 0
+        # The event types that are stored as they are and shared uncopied (untyped scalars).
+        self.event_shareable: frozenset[type] = frozenset()
+        if issubclass(cls, EventSourced):
+            self.events = codec_for(cls.event_type, use_pickle=False)
+            self.snapshot_every = cls.snapshot_every or 0
+            self.event_shareable = IMMUTABLE if self.events is UNTYPED else frozenset()
 
     def normalise_key(self, raw: object) -> str:
         if not self.custom_key:
@@ -186,7 +250,20 @@ def _check_type(cls: object) -> type[Entity]:
     version = cls.version
     if type(version) is not int or version < 1:
         raise InvalidOptions(f"{cls.__qualname__}.version must be an int >= 1; got {version!r}")
-    if cls.activate is Entity.activate:
+    if issubclass(cls, EventSourced):
+        if cls is EventSourced:
+            raise UnknownEntityType(f"{cls!r} is not a subclass of pachyderm.EventSourced")
+        for method in ("handle", "apply"):
+            if getattr(cls, method) is getattr(EventSourced, method):
+                raise InvalidOptions(f"{cls.__qualname__} does not define {method}()")
+            if inspect.iscoroutinefunction(getattr(cls, method)):
+                raise InvalidOptions(f"{cls.__qualname__}.{method} must be a plain def (pure)")
+        every = cls.snapshot_every
+        if every is not None and (type(every) is not int or every < 1):
+            raise InvalidOptions(
+                f"{cls.__qualname__}.snapshot_every must be an int >= 1 or None; got {every!r}"
+            )
+    elif cls.activate is Entity.activate:
         raise InvalidOptions(f"{cls.__qualname__} does not define activate(message, state)")
     return cls
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "ActivationFailed",
+    "EntityBroken",
     "IncompatibleVersion",
     "Indeterminate",
     "InvalidKey",
@@ -34,6 +35,15 @@ class ActivationFailed(PachydermError):
     ``__cause__`` is the handler's exception.
     The entity's state is unchanged and nothing was committed.
     Retrying runs the handler again on the latest state.
+    """
+
+
+class EntityBroken(PachydermError):
+    """An event-sourced entity's ``apply`` raised: its events cannot be folded by this code.
+
+    ``__cause__`` is the exception of ``apply``. Nothing was appended or overwritten; every call
+    to the entity gets this error (messages to it wait in the outbox) until it is loaded again
+    by fixed code (after a restart, or once it has been idle long enough to leave memory).
     """
 
 
@@ -128,3 +138,12 @@ class IncompatibleVersion(PachydermError):
 
     Nothing was activated and nothing was written. Deploy the newer code.
     """
+
+
+def failed(type_name: str, exc: Exception, method: str = "activate") -> ActivationFailed:
+    """The ``ActivationFailed`` for an exception a user's method raised (its ``__cause__``)."""
+    if isinstance(exc, ActivationFailed):
+        return exc
+    error = ActivationFailed(f"{type_name}.{method} raised {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

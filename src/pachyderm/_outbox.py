@@ -91,7 +91,7 @@ def outbox_of(calls: list[Call]) -> Outbox | None:
             consumes.append(
                 Consume(
                     delivery.id,
-                    None if call.version is not None else _dead_reason(call.result),
+                    _dead_reason(call.result) if isinstance(call.result, BaseException) else None,
                     delivery.due != 0.0,
                 )
             )

@@ -13,6 +13,8 @@ from ._core._resident import READY, Call, Resident
 from ._engine import Engine
 from ._entity import MAX_KEY_BYTES, Entity, EntityInfo, Registry
 from ._errors import InvalidOptions, Overloaded, Unavailable
+from ._events import EventChannel, EventStream
+from ._eventsourced import Append
 from ._follower import Follower
 from ._options import WorldOptions
 from .backends._base import Backend
@@ -238,7 +240,7 @@ class World:
         call.future = future
         call.idempotency_key = idempotency_key
         call.version = None
-        call.delivery = call.effects = None
+        call.delivery = call.effects = call.events = None
         if idempotency_key is not None:
             if resident.idempotent is None:
                 resident.idempotent = {}
@@ -295,6 +297,56 @@ class World:
             raise InvalidOptions(f"since is a version (an int >= 0); got {since!r}")
         return Follower(self, (info.name, key), since, bool(versions))
 
+    def events(self, ref: tuple[type[Entity], Any], *, since: int = 0) -> EventStream:
+        """Return an async iterator of ``(seq, event)`` of an event-sourced entity.
+
+        Every event after ``since`` (a seq; 0: from the first), from the durable log, then live
+        ones as they commit, in seq order: it never skips or repeats, however slowly it is read.
+        Events written by an older ``version`` of the type come through ``upgrade_event``.
+
+        Raises:
+            InvalidKey, UnknownEntityType: a bad ref, before any I/O.
+            InvalidOptions: the type is not event-sourced, or a bad ``since``.
+        """
+        info, key = self._registry.resolve(ref)
+        self._check_open()
+        if info.events is None:
+            raise InvalidOptions(f"{info.name} is not event-sourced: use follow() for its states")
+        if type(since) is not int or since < 0:
+            raise InvalidOptions(f"since is a seq (an int >= 0); got {since!r}")
+        return EventStream(self, info, key, since)
+
+    async def append(
+        self,
+        ref: tuple[type[Entity], Any],
+        *events: Any,
+        expected: int = 0,
+        timeout: float | None = None,
+    ) -> Any:
+        """Append ``events`` to an event-sourced entity without a command; return the new state.
+
+        The append is conditional: the entity must have exactly ``expected`` events (default 0:
+        an entity never initialised, which always accepts its creation event without a creation
+        command). The events are folded by ``apply`` and committed atomically, like those of a
+        command; when this returns they are durable.
+
+        Raises:
+            InvalidOptions: the type is not event-sourced, no events, or a bad ``expected``.
+            Rejected: the entity does not have ``expected`` events; nothing was appended.
+            EntityBroken: ``apply`` raised; nothing was appended.
+            and the errors of ``activate``.
+
+        Cancellation: as for ``activate``.
+        """
+        info, _ = self._registry.resolve(ref)
+        if info.events is None:
+            raise InvalidOptions(f"{info.name} is not event-sourced: use activate()")
+        if not events:
+            raise InvalidOptions("append() takes at least one event")
+        if type(expected) is not int or expected < 0:
+            raise InvalidOptions(f"expected is a seq (an int >= 0); got {expected!r}")
+        return await self.activate(ref, Append(events, expected), timeout=timeout)
+
     async def list(
         self, entity_type: type[Entity], *, prefix: str = "", page_size: int = 1000
     ) -> AsyncIterator[str]:
@@ -334,6 +386,7 @@ class World:
             **engine.dispatcher.counts(),
             "resident": len(engine.residents),
             "followers": sum(len(c) for c in engine.channels.values()),
+            "event_readers": sum(len(c) for c in engine.event_channels.values()),
             "commits_in_flight": len(engine.commits),
             "outbox": self.backend.outbox_counts() if self._open else {},
             "backend": self.backend.statistics(),
@@ -394,6 +447,19 @@ class World:
             channel.push(resident.version, resident.data)
         self._engine.channels.setdefault(ref, {})[channel] = None
         return channel, info.codec.decode
+
+    def _subscribe_events(self, info: EntityInfo, key: str) -> EventChannel:
+        self._check_open()
+        channel = EventChannel(self.options.follower_buffer * 16)
+        self._engine.event_channels.setdefault((info.name, key), {})[channel] = None
+        return channel
+
+    def _unsubscribe_events(self, ref: tuple[str, str], channel: EventChannel) -> None:
+        channels = self._engine.event_channels.get(ref)
+        if channels is not None:
+            channels.pop(channel, None)
+            if not channels:
+                del self._engine.event_channels[ref]
 
     def _unsubscribe(self, ref: tuple[str, str], channel: Channel) -> None:
         channels = self._engine.channels.get(ref)

@@ -28,6 +28,7 @@ class Call:
         "data",
         "delivery",
         "effects",
+        "events",
         "future",
         "idempotency_key",
         "message",
@@ -46,6 +47,8 @@ class Call:
         self.delivery: Envelope | None = None
         # Once run: its effects, in order (outbox rows, and names of timers it cancels).
         self.effects: list[Envelope | str] | None = None
+        # Once run by an event-sourced entity: its encoded events (None: none).
+        self.events: list[bytes] | None = None
         # `data` and `result` are set when it runs, before anything reads them.
         self.data: bytes | None
         self.result: Any

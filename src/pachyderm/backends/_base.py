@@ -19,14 +19,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-__all__ = ["Backend", "Consume", "Envelope", "EnvelopeId", "Outbox", "Receipt", "Stored", "Write"]
+__all__ = [
+    "Backend",
+    "Consume",
+    "Envelope",
+    "EnvelopeId",
+    "Outbox",
+    "Receipt",
+    "Stored",
+    "StoredEvent",
+    "Write",
+]
 
 
 @dataclass(slots=True)
 class Stored:
-    """An entity's row as stored: ``version`` >= 1 counts its committed activations."""
+    """An entity's row as stored: ``version`` >= 1 counts its committed activations.
+
+    For an event-sourced entity ``version`` is the seq of its last event, and ``snapshot`` the
+    seq of the state stored in ``data`` (0: none yet, ``data`` is empty; ``type_version`` is
+    then meaningless); ``snapshot`` is ``None`` for the row of a state entity.
+    """
 
     version: int
+    type_version: int
+    data: bytes
+    snapshot: int | None = None
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    """One event of an entity's log: its ``seq`` (from 1), the type version that wrote it."""
+
+    seq: int
     type_version: int
     data: bytes
 
@@ -119,6 +144,15 @@ class Write:
     stores none for ``expected == 0``) but is still conditional on it, for a write that only
     consumes outbox rows. ``receipts`` and ``outbox`` are applied in the same transaction, or not
     at all.
+
+    An *event write* (``events`` not empty, of an event-sourced entity) appends ``events`` to the
+    entity's log as seqs ``expected + 1`` .. ``version`` (so ``len(events) == version -
+    expected``), each stored with ``type_version``. It also loses if any event of the entity with
+    a seq above ``expected`` is stored: the unique ``(type, key, seq)`` is the fence. The row gets
+    ``version``; with ``snapshot`` it also stores ``data`` as the state at ``version`` (its
+    snapshot, with ``type_version``), else it keeps the snapshot it had (none for a new row). The
+    writes of one entity are all event writes (or checks) or all state writes: its type decides,
+    and mixing them is not defined.
     """
 
     type_name: str
@@ -129,6 +163,8 @@ class Write:
     data: bytes
     receipts: tuple[Receipt, ...] = ()
     outbox: Outbox | None = None
+    events: tuple[bytes, ...] | None = None
+    snapshot: bool = False
 
 
 class Backend(abc.ABC):
@@ -175,6 +211,15 @@ class Backend(abc.ABC):
         Raises:
             Unavailable: nothing was committed (for example the disk is full).
             Indeterminate: the outcome is unknown.
+        """
+
+    @abc.abstractmethod
+    async def read_events(
+        self, type_name: str, key: str, *, after: int = 0, limit: int = 1000
+    ) -> list[StoredEvent]:
+        """Return up to ``limit`` events of an entity's log with ``seq > after``, in seq order.
+
+        Only committed events; an entity without events (or never stored) has an empty log.
         """
 
     @abc.abstractmethod

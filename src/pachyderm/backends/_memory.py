@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from .._errors import InvalidOptions, Unavailable
-from ._base import Backend, Envelope, EnvelopeId, Receipt, Stored, Write
+from ._base import Backend, Envelope, EnvelopeId, Receipt, Stored, StoredEvent, Write
 
 __all__ = ["Memory"]
 
@@ -15,13 +15,26 @@ __all__ = ["Memory"]
 class _Space:
     """One world's data. Mutable state: all of it, changed only by `Memory` methods."""
 
-    __slots__ = ("counts", "dead", "names", "outbox", "receipts", "rows", "snapshot", "sorted")
+    __slots__ = (
+        "counts",
+        "dead",
+        "events",
+        "names",
+        "outbox",
+        "receipts",
+        "rows",
+        "snapshot",
+        "sorted",
+    )
 
     def __init__(self) -> None:
-        # type name -> key -> (version, type_version, data). A tuple of ints and bytes is one the
-        # garbage collector stops tracking, so a million rows cost it nothing; a `Stored` is made
-        # only when a row is loaded.
-        self.rows: dict[str, dict[str, tuple[int, int, bytes]]] = {}
+        # type name -> key -> (version, type_version, data, snapshot): the fields of `Stored`. A
+        # tuple of ints and bytes is one the garbage collector stops tracking, so a million rows
+        # cost it nothing; a `Stored` is made only when a row is loaded.
+        self.rows: dict[str, dict[str, tuple[int, int, bytes, int | None]]] = {}
+        # (type name, key) -> the log of an event-sourced entity: (type_version, data) of the
+        # event of seq i + 1 at index i.
+        self.events: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
         # type name -> keys sorted, rebuilt on the first listing after a new key (inserting into a
         # sorted list would make creating n entities cost O(n^2)).
         self.sorted: dict[str, list[str]] = {}
@@ -110,6 +123,13 @@ class Memory(Backend):
             if (0 if row is None else row[0]) != w.expected:
                 out.append(False)
                 continue
+            events = w.events
+            log = None
+            if events:
+                log = space.events.get((w.type_name, w.key))
+                if (0 if log is None else len(log)) != w.expected:
+                    out.append(False)  # the fence: an event of seq > expected is stored
+                    continue
             outbox = w.outbox
             if outbox is not None and outbox.consumes:
                 consumes = outbox.consumes
@@ -124,7 +144,18 @@ class Memory(Backend):
             if w.version != w.expected:
                 if row is None:
                     space.sorted.pop(w.type_name, None)
-                table[w.key] = (w.version, w.type_version, w.data)
+                if not events:
+                    table[w.key] = (w.version, w.type_version, w.data, None)
+                else:
+                    if log is None:
+                        log = space.events[(w.type_name, w.key)] = []
+                    log.extend((w.type_version, e) for e in events)
+                    if w.snapshot:
+                        table[w.key] = (w.version, w.type_version, w.data, w.version)
+                    elif row is None:
+                        table[w.key] = (w.version, w.type_version, b"", 0)
+                    else:
+                        table[w.key] = (w.version, row[1], row[2], row[3])
             if outbox is not None:
                 for c in outbox.consumes:
                     taken = space.take(c.id)
@@ -144,6 +175,16 @@ class Memory(Backend):
         self._commits += 1
         self._writes += len(writes)
         return out
+
+    async def read_events(
+        self, type_name: str, key: str, *, after: int = 0, limit: int = 1000
+    ) -> list[StoredEvent]:
+        log = self._open_space().events.get((type_name, key), ())
+        start = max(after, 0)
+        return [
+            StoredEvent(seq, *log[seq - 1])
+            for seq in range(start + 1, min(len(log), start + max(limit, 0)) + 1)
+        ]
 
     async def receipt(self, type_name: str, key: str, id: str) -> Receipt | None:
         return self._open_space().receipts.get((type_name, key, id))
@@ -209,5 +250,6 @@ class Memory(Backend):
             "commits": self._commits,
             "writes": self._writes,
             "entities": 0 if space is None else sum(len(t) for t in space.rows.values()),
+            "events": 0 if space is None else sum(len(log) for log in space.events.values()),
             "outbox": self.outbox_counts(),
         }

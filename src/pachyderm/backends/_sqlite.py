@@ -17,6 +17,13 @@ threads run; ``_sqlite_writer``: group commit; ``_sqlite_reader``: reads):
   only reads the version: it leaves the row as it is, and stores none for ``expected == 0``).
   Then the outbox changes of every write, in call order (see below). If every row changed,
   every write won; else the transaction starts again, and decides and applies write by write.
+- **Event logs.** The table ``events`` holds the logs of event-sourced entities, one row per
+  event keyed by ``(world, type, key, seq)``. An event write appends its events (seqs
+  ``expected + 1`` .. ``version``) in its transaction, with an ``INSERT ... ON CONFLICT DO
+  NOTHING``: if one of those seqs is already stored the insert comes up short and the write
+  loses (the fence; the slow path asks whether any event above ``expected`` is stored). Its row
+  gets ``version`` and keeps its state, type version and ``snapshot`` (an entity's row column,
+  NULL for a state entity), unless the write stores a snapshot: then those too.
 - **The outbox.** The table ``outbox`` holds the rows that committed writes sent and that no
   write consumed yet, and the dead letters (kept, with ``dead`` set). A winning write's outbox
   changes are in its transaction: its consumes (each a condition, like ``expected``: a row no
@@ -25,20 +32,21 @@ threads run; ``_sqlite_writer``: group commit; ``_sqlite_reader``: reads):
   waiting row of that name). ``outbox_counts`` answers from counts that the writer thread keeps:
   counted at open, then changed by each commit, by the rows its statements changed.
 - **Layout versions.** ``meta`` holds ``schema_version``. A file of version 1 (before the
-  outbox) is migrated to 2 when opened; a file of a newer version is refused.
-- **One reader thread.** ``load_many``, ``receipt``, ``list_keys``, ``due`` and ``exists`` run on
-  a second connection, which in WAL mode sees committed data only; reads queued together share
-  one snapshot and loads queued together share their queries. ``due`` pages by key (each page
-  starts after the last row of the previous one).
+  outbox) or 2 (before the event logs) is migrated to 3 when opened, in one transaction; a file
+  of a newer version is refused, untouched.
+- **One reader thread.** ``load_many``, ``read_events``, ``receipt``, ``list_keys``, ``due`` and
+  ``exists`` run on a second connection, which in WAL mode sees committed data only; reads
+  queued together share one snapshot and loads queued together share their queries. ``due`` and
+  ``read_events`` page by key (each page starts after the last row of the previous one).
 - **WAL journal.** Readers never block the writer and the writer never blocks readers.
 
-When a write is durable: when ``commit`` returns, with its receipts and its outbox changes (the
-rows it sends, consumes, buries or cancels are durable with the write that carries them, in the
-same transaction). With ``synchronous="FULL"`` (the default) the WAL is synced to disk by every
-``COMMIT``, so a returned commit survives a crash of the process, of the operating system and a
-power loss. With ``synchronous="NORMAL"`` a returned commit survives a crash of the process, but
-a power loss or an operating system crash may lose the last transactions (never corrupting the
-file, never keeping part of a transaction).
+When a write is durable: when ``commit`` returns, with its events, its receipts and its outbox
+changes (the events it appends and the rows it sends, consumes, buries or cancels are durable with
+the write that carries them, in the same transaction). With ``synchronous="FULL"`` (the default) the
+WAL is synced to disk by every ``COMMIT``, so a returned commit survives a crash of the process, of
+the operating system and a power loss. With ``synchronous="NORMAL"`` a returned commit survives a
+crash of the process, but a power loss or an operating system crash may lose the last transactions
+(never corrupting the file, never keeping part of a transaction).
 
 Cancellation: cancelling the task awaiting ``commit`` does not withdraw the write. It is already
 queued for the writer thread and may still commit; the outcome is only unknown to the cancelled
@@ -63,11 +71,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from .._errors import InvalidOptions, Unavailable
-from ._base import Backend, Envelope, EnvelopeId, Receipt, Stored, Write
+from ._base import Backend, Envelope, EnvelopeId, Receipt, Stored, StoredEvent, Write
 from ._sqlite_jobs import (
     ABANDON,
     COMMIT,
     DUE,
+    EVENTS,
     EXISTS,
     LIST,
     LOAD,
@@ -81,6 +90,9 @@ from ._sqlite_schema import SYNCHRONOUS, Database, FileLock
 from ._sqlite_writer import Stats, Writer
 
 __all__ = ["SQLite"]
+
+#: The largest seq (and page size) SQLite can bind: its integers are 64-bit.
+_MAX_SEQ = 2**63 - 1
 
 
 class SQLite(Backend):
@@ -215,14 +227,15 @@ class SQLite(Backend):
         return session
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
-        """Apply each write whose conditions hold, with its receipts and its outbox changes.
+        """Apply each write whose conditions hold, with its events, receipts and outbox changes.
 
-        A write's conditions: the stored version is still ``expected``, and each outbox row it
-        consumes is still waiting.
+        A write's conditions: the stored version is still ``expected``, each outbox row it
+        consumes is still waiting, and (an event write) no event of its entity with a seq above
+        ``expected`` is stored.
 
         The writes join the writer thread's next transaction (group commit). When this returns the
-        committed writes are durable (to the level of ``synchronous``). Cancelling the awaiting
-        task does not withdraw the writes: they may still commit.
+        committed writes are durable, events included (to the level of ``synchronous``).
+        Cancelling the awaiting task does not withdraw the writes: they may still commit.
 
         Raises:
             Unavailable: nothing was committed (disk full, I/O error, backend closed).
@@ -247,6 +260,22 @@ class SQLite(Backend):
             self._open_session()
             return []
         result: list[Stored | None] = await self._read(LOAD, refs)
+        return result
+
+    async def read_events(
+        self, type_name: str, key: str, *, after: int = 0, limit: int = 1000
+    ) -> list[StoredEvent]:
+        """Return up to ``limit`` committed events of an entity's log with ``seq > after``.
+
+        In seq order; an entity without events (or never stored) has an empty log.
+        """
+        if limit <= 0:
+            self._open_session()
+            return []
+        # SQLite's integers are 64-bit: clamp, so that huge bounds mean what they say.
+        after = max(min(after, _MAX_SEQ), -1)
+        limit = min(limit, _MAX_SEQ)
+        result: list[StoredEvent] = await self._read(EVENTS, (type_name, key, after, limit))
         return result
 
     async def receipt(self, type_name: str, key: str, id: str) -> Receipt | None:
@@ -317,9 +346,9 @@ class SQLite(Backend):
 
         ``transactions``: committed write transactions (group commits); ``failed_transactions``:
         rolled back ones; ``commits``: ``commit()`` calls answered; ``writes``: writes in them;
-        ``conflicts``: writes that lost; ``largest_group`` / ``average_group``: ``commit()``
-        calls per transaction; ``pending``: jobs queued for the writer thread; ``outbox``:
-        ``outbox_counts()``.
+        ``events``: events appended by committed transactions; ``conflicts``: writes that lost;
+        ``largest_group`` / ``average_group``: ``commit()`` calls per transaction; ``pending``: jobs
+        queued for the writer thread; ``outbox``: ``outbox_counts()``.
         """
         s = self._stats
         session = self._session
@@ -328,6 +357,7 @@ class SQLite(Backend):
             "failed_transactions": s.failed_transactions,
             "commits": s.commits,
             "writes": s.writes,
+            "events": s.events,
             "conflicts": s.conflicts,
             "largest_group": s.largest_group,
             "average_group": s.commits / s.transactions if s.transactions else 0.0,

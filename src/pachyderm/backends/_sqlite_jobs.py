@@ -1,7 +1,8 @@
 """The SQLite backend's threads: jobs from the event loop, and the loop every thread runs.
 
 The writer runs ``COMMIT`` and ``PRUNE`` jobs; the reader ``LOAD``, ``RECEIPT``, ``LIST``, ``DUE``
-(a page of the outbox) and ``EXISTS`` (whether outbox rows still wait); both run ``STOP``.
+(a page of the outbox), ``EXISTS`` (whether outbox rows still wait) and ``EVENTS`` (a page of an
+entity's event log); both run ``STOP``.
 
 A *job* is a request and where to answer it: ``(kind, argument, future, loop)``. The event loop
 queues jobs on a ``Channel``; a ``Worker`` thread (the writer or the reader) takes every queued job
@@ -25,6 +26,7 @@ __all__ = [
     "ABANDON",
     "COMMIT",
     "DUE",
+    "EVENTS",
     "EXISTS",
     "LIST",
     "LOAD",
@@ -49,6 +51,7 @@ LIST: Final = 4
 STOP: Final = 5
 DUE: Final = 6
 EXISTS: Final = 7
+EVENTS: Final = 8
 
 Loop = asyncio.AbstractEventLoop
 _Future = asyncio.Future[Any]

@@ -1,10 +1,12 @@
-"""The SQLite backend's reader thread: loads, receipts, key listings and outbox pages, read-only.
+"""The SQLite backend's reader thread: loads, receipts, key listings, outbox and event pages.
 
-In WAL mode the reader's connection sees committed data only. The reads of one drain share one
-snapshot, and the loads among them share their queries. Outbox pages (``due``) are keyset pages:
-messages (due 0) in primary key order, then timers on the index ``outbox_timers_by_due``; each
-page starts after the key of the last row of the previous one, so rows committed while paging may
-or may not appear, and none appears twice.
+Read-only. In WAL mode the reader's connection sees committed data only. The reads of one drain
+share one snapshot, and the loads among them share their queries. Outbox pages (``due``) are
+keyset pages: messages (due 0) in primary key order, then timers on the index
+``outbox_timers_by_due``; each page starts after the key of the last row of the previous one, so
+rows committed while paging may or may not appear, and none appears twice. Event pages
+(``read_events``) are keyset pages of one entity's log on the primary key of ``events``: the
+events with ``seq > after``, in seq order.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Sequence
 from typing import Final
 
 from .._errors import Unavailable
-from ._base import Envelope, EnvelopeId, Receipt, Stored
+from ._base import Envelope, EnvelopeId, Receipt, Stored, StoredEvent
 from ._sqlite_jobs import (
     DUE,
+    EVENTS,
     EXISTS,
     LIST,
     LOAD,
@@ -29,12 +32,17 @@ from ._sqlite_jobs import (
     Worker,
     deliver_all,
 )
+from ._sqlite_logs import VERSION
 from ._sqlite_schema import Database
 
 __all__ = ["Reader"]
 
 _GET_RECEIPT: Final = (
     "SELECT version, result, at FROM receipts WHERE world = ? AND type = ? AND key = ? AND id = ?"
+)
+_EVENTS: Final = (
+    "SELECT e.seq, e.type_version, e.event FROM entities AS n JOIN events AS e ON e.log = n.log"
+    " WHERE n.world = ? AND n.type = ? AND n.key = ? AND e.seq > ? ORDER BY e.seq LIMIT ?"
 )
 _LIST_FROM: Final = (
     "SELECT key FROM entities WHERE world = ? AND type = ? AND key >= ? ORDER BY key LIMIT ?"
@@ -130,9 +138,9 @@ class Reader(Worker):
         self, conn: sqlite3.Connection, refs: list[tuple[str, str]]
     ) -> dict[tuple[str, str], Stored]:
         return {
-            (t, k): Stored(version, type_version, state)
-            for t, k, version, type_version, state in self.db.select(
-                conn, refs, "version, type_version, state"
+            (t, k): Stored(version, type_version, state, snapshot)
+            for t, k, version, type_version, state, snapshot in self.db.select(
+                conn, refs, f"{VERSION}, type_version, state, snapshot"
             )
         }
 
@@ -151,6 +159,11 @@ class Reader(Worker):
                 result = self.due(conn, *arg)
             elif kind == EXISTS:
                 result = self.exists(conn, arg)
+            elif kind == EVENTS:
+                try:
+                    result = self.read_events(conn, *arg)
+                except UnicodeEncodeError:  # not Unicode: never stored
+                    result = []
             else:  # pragma: no cover - a bug of the SQLite backend
                 raise ValueError(f"the reader got a job of unknown kind {kind!r}")
         except Exception as e:
@@ -162,6 +175,12 @@ class Reader(Worker):
     ) -> Receipt | None:
         row = conn.execute(_GET_RECEIPT, (self.db.world, type_name, key, id)).fetchone()
         return None if row is None else Receipt(id, row[0], row[1], row[2])
+
+    def read_events(
+        self, conn: sqlite3.Connection, type_name: str, key: str, after: int, limit: int
+    ) -> list[StoredEvent]:
+        rows = conn.execute(_EVENTS, (self.db.world, type_name, key, after, limit))
+        return [StoredEvent(seq, type_version, event) for seq, type_version, event in rows]
 
     def list_keys(
         self,

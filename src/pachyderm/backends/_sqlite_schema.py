@@ -1,7 +1,8 @@
 """The SQLite backend's file: the process lock, the tables, and how each thread connects.
 
 The writer's connection creates the tables of a new file and migrates those of an older layout
-(``schema_version`` 1: no outbox) in one transaction; a file of a newer layout is refused.
+(``schema_version`` 1: no outbox; 2: no event log) in one transaction, so that a failed
+migration leaves the file as it was; a file of a newer layout is refused, untouched.
 """
 
 from __future__ import annotations
@@ -19,19 +20,30 @@ from .._errors import StorageLocked, Unavailable
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["SCHEMA_VERSION", "SYNCHRONOUS", "Database", "FileLock", "write_transaction"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SYNCHRONOUS",
+    "Database",
+    "FileLock",
+    "write_transaction",
+]
 
 #: The version of the tables' layout; stored in ``meta`` as ``schema_version``. Version 1 (the
-#: tables ``meta``, ``entities`` and ``receipts``) is migrated to 2 (``outbox`` added) on open.
-SCHEMA_VERSION: Final = 2
+#: tables ``meta``, ``entities`` and ``receipts``) and version 2 (``outbox`` added) are migrated
+#: to 3 (``events`` added, and the columns ``entities.snapshot`` and ``entities.log``) on open.
+SCHEMA_VERSION: Final = 3
 
 _META: Final = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID"
 )
 _SCHEMA: Final = (
+    # ``snapshot`` and ``log`` (schema version 3) are NULL for a state entity's row; for an
+    # event-sourced entity, ``snapshot`` is the seq of the state in ``state`` (0: none yet,
+    # ``state`` is empty) and ``log`` the id of its log in ``events`` (see ``_sqlite_logs``).
     "CREATE TABLE IF NOT EXISTS entities ("
     " world TEXT NOT NULL, type TEXT NOT NULL, key TEXT NOT NULL,"
     " version INTEGER NOT NULL, type_version INTEGER NOT NULL, state BLOB NOT NULL,"
+    " snapshot INTEGER NULL, log INTEGER NULL,"
     " PRIMARY KEY (world, type, key)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS receipts ("
     " world TEXT NOT NULL, type TEXT NOT NULL, key TEXT NOT NULL, id TEXT NOT NULL,"
@@ -55,7 +67,25 @@ _SCHEMA: Final = (
     # in Memory, a dead timer no longer holds its name): a new timer of that name can be stored.
     "CREATE UNIQUE INDEX IF NOT EXISTS outbox_by_name"
     " ON outbox (world, sender_type, sender_key, name) WHERE name IS NOT NULL AND dead IS NULL",
+    # Schema version 3: the logs of event-sourced entities, one row per event. The primary key is
+    # the fence: two writes can never both store seq n of one entity.
+    "CREATE TABLE IF NOT EXISTS events ("
+    " log INTEGER NOT NULL, seq INTEGER NOT NULL, type_version INTEGER NOT NULL,"
+    " event BLOB NOT NULL, PRIMARY KEY (log, seq)) WITHOUT ROWID",
 )
+#: Made after the migrations (they add the column it indexes): one log per id, and the largest
+#: id found at once.
+_INDEXES: Final = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS entities_by_log ON entities (log) WHERE log IS NOT NULL",
+)
+#: What a file of an older version needs beyond ``_SCHEMA`` (whose tables it creates if missing),
+#: by the version that added it: a column of a table that the older file already has.
+_MIGRATIONS: Final = (
+    (3, "ALTER TABLE entities ADD COLUMN snapshot INTEGER NULL"),
+    (3, "ALTER TABLE entities ADD COLUMN log INTEGER NULL"),
+)
+#: The versions a file may have and be opened (the older ones are migrated).
+_KNOWN: Final = (1, 2, SCHEMA_VERSION)
 #: Outbox rows of a world, by (dead, timer): what `outbox_counts` starts from.
 _COUNT_OUTBOX: Final = (
     "SELECT dead IS NOT NULL, due != 0, count(*) FROM outbox WHERE world = ? GROUP BY 1, 2"
@@ -192,8 +222,8 @@ class Database:
         if self.max_pages is not None:
             conn.execute(f"PRAGMA max_page_count = {int(self.max_pages)}")
         with write_transaction(conn):
-            # A new file gets the current version; a file of version 1 is migrated (in this
-            # transaction: a failure leaves it at version 1); a newer one is left untouched.
+            # A new file gets the current version; a file of an older one is migrated (in this
+            # transaction: a failure leaves it as it was); a newer one is left untouched.
             conn.execute(_META)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
@@ -203,12 +233,17 @@ class Database:
             (stored,) = conn.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
-            if type(stored) is not int or stored not in (1, SCHEMA_VERSION):
+            if type(stored) is not int or stored not in _KNOWN:
                 raise Unavailable(
                     f"{self.path} has schema_version {stored!r}; this Pachyderm knows "
                     f"{SCHEMA_VERSION} (a newer Pachyderm wrote it?)"
                 )
             for statement in _SCHEMA:
+                conn.execute(statement)
+            for version, statement in _MIGRATIONS:
+                if stored < version:
+                    conn.execute(statement)
+            for statement in _INDEXES:
                 conn.execute(statement)
             if stored != SCHEMA_VERSION:
                 conn.execute(

@@ -4,11 +4,20 @@ The writer owns the only write connection and the file lock. Each drain of its c
 *group*: every commit request in it is applied in one transaction, in call order, as if one after
 the other, and each caller is answered only after ``COMMIT`` returned.
 
-A write wins if the stored version of its entity is its ``expected`` one and every outbox row it
-consumes is still waiting; a winner's entity row, receipts and outbox changes (consumes, then
-cancels, then sends) are in that transaction, so they are durable together, when ``commit``
+A write wins if the stored version of its entity is its ``expected`` one, every outbox row it
+consumes is still waiting, and (an event write) no event of its entity with a seq above
+``expected`` is stored; a winner's entity row, events, receipts and outbox changes (consumes,
+then cancels, then sends) are in that transaction, so they are durable together, when ``commit``
 returns. The writer also keeps ``counts``, the world's outbox rows by kind: counted at connect,
 then kept exact from the rows each committed transaction changed.
+
+An event write appends its events (seqs ``expected + 1`` .. ``version``) to ``events``. Its
+entity's row is written only when it is created (an empty state, ``snapshot`` 0, unless it has a
+snapshot) and with a snapshot (the state, its type version and ``snapshot = version``); the
+version of an event-sourced entity is the seq of its last event, read from the log's primary key
+(``_sqlite_schema.VERSION``), so an event costs one B-tree insert and its row nothing. A state
+write stores the whole row, ``snapshot`` NULL. An entity's writes are all of one kind (its type
+decides): a state write on an event-sourced row is not defined.
 """
 
 from __future__ import annotations
@@ -22,22 +31,26 @@ from typing import Final
 from .._errors import Indeterminate, InvalidKey, TooLarge, Unavailable
 from ._base import Consume, Outbox, Write
 from ._sqlite_jobs import COMMIT, Channel, Job, Loop, Outcome, Worker, answer, deliver_all
+from ._sqlite_logs import APPEND, CREATE, VERSION, Logs
 from ._sqlite_schema import Database, FileLock, write_transaction
 
 __all__ = ["Stats", "Writer"]
 
 _UPDATE: Final = (
-    "UPDATE entities SET version = ?, type_version = ?, state = ?"
+    "UPDATE entities SET version = ?, type_version = ?, state = ?, snapshot = NULL"
     " WHERE world = ? AND type = ? AND key = ? AND version = ?"
 )
 _INSERT: Final = (
     "INSERT INTO entities (world, type, key, version, type_version, state)"
     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
+# The rows of the slow path: a whole row (of a state write, or of an event write with a snapshot,
+# the last one of the transaction). An existing row keeps its log (`_sqlite_logs`).
 _UPSERT: Final = (
-    "INSERT INTO entities (world, type, key, version, type_version, state)"
-    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (world, type, key) DO UPDATE SET"
-    " version = excluded.version, type_version = excluded.type_version, state = excluded.state"
+    "INSERT INTO entities (world, type, key, version, type_version, state, snapshot, log)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (world, type, key) DO UPDATE SET"
+    " version = excluded.version, type_version = excluded.type_version, state = excluded.state,"
+    " snapshot = excluded.snapshot"
 )
 _PUT_RECEIPT: Final = (
     "INSERT INTO receipts (world, type, key, id, version, result, at)"
@@ -84,6 +97,7 @@ class Stats:
     failed_transactions: int = 0
     commits: int = 0
     writes: int = 0
+    events: int = 0
     conflicts: int = 0
     largest_group: int = 0
 
@@ -101,6 +115,9 @@ class Writer(Worker):
         # The world's outbox rows by kind. Replaced (never changed in place) by the writer thread
         # after each commit, before its callers are answered; read by the event loop.
         self.counts: dict[str, int] = {"messages": 0, "timers": 0, "dead": 0}
+        # Events the current transaction appends (writer thread only; counted once committed).
+        self.appended = 0
+        self.logs = Logs(db)
 
     def connect(self) -> sqlite3.Connection:
         return self.db.connect(self.setup)
@@ -108,6 +125,7 @@ class Writer(Worker):
     def setup(self, conn: sqlite3.Connection) -> None:
         self.db.setup_writer(conn)
         self.counts = self.db.count_outbox(conn)
+        self.logs.setup(conn)
 
     def release(self) -> None:
         self.lock.release()
@@ -154,8 +172,11 @@ class Writer(Worker):
         stats = self.stats
         writes = [w for batch in batches for w in batch]
         at_commit = False
+        self.appended = 0
+        logs = self.logs
         try:
             conn.execute("BEGIN IMMEDIATE")
+            logs.begin()
             won: list[bool] | None = None
             fast = _fast_path_may_hold(writes)
             ops = self.assume_all_win(conn, writes) if fast else None
@@ -165,6 +186,8 @@ class Writer(Worker):
                 if fast:  # undo what the fast path wrote
                     conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
+                    logs.begin()
+                    self.appended = 0
                 won, winners, ops = self.decide(conn, writes)
             receipts = [
                 (world, w.type_name, w.key, r.id, r.version, r.result, r.at)
@@ -185,12 +208,14 @@ class Writer(Worker):
                     self.counts = self.db.count_outbox(conn)
             stats.failed_transactions += 1
             raise _Failed(e, at_commit=at_commit) from e
+        logs.committed()
         if ops.changed:
             counts = self.counts
             self.counts = {kind: counts[kind] + ops.delta[kind] for kind in counts}
         stats.transactions += 1
         stats.commits += len(batches)
         stats.writes += len(writes)
+        stats.events += self.appended
         stats.largest_group = max(stats.largest_group, len(batches))
         if won is None:
             return [[True] * len(batch) for batch in batches]
@@ -212,20 +237,28 @@ class Writer(Worker):
         ``_fast_path_may_hold``). Then the outbox changes of every write, in queue order, whose
         consumes must each find their row. (Rolling back and beginning again is cheaper than a
         savepoint, whose statement journal would copy every page the fast path touches.)
+
+        Event writes (``assume_events``) go last, with their own statements; the fence holds if
+        every event was inserted (none of those seqs was stored).
         """
         world = self.db.world
         updates = []
         inserts = []
         checks = []
+        evented = []
         for w in writes:
             if w.version == w.expected:
                 checks.append(w)
+            elif w.events:
+                evented.append(w)
             elif w.expected:
                 updates.append(
                     (w.version, w.type_version, w.data, world, w.type_name, w.key, w.expected)
                 )
             else:
                 inserts.append((world, w.type_name, w.key, w.version, w.type_version, w.data))
+        if evented and _kinds_meet(evented, updates, inserts):
+            return None
         changed = 0
         if updates:
             changed += conn.executemany(_UPDATE, updates).rowcount
@@ -234,6 +267,12 @@ class Writer(Worker):
         if checks:
             stored = self.versions(conn, checks)
             changed += sum(stored.get((w.type_name, w.key), 0) == w.expected for w in checks)
+        if evented:
+            appended = self.logs.assume(conn, evented)
+            if appended is None:
+                return None
+            self.appended = appended
+            changed += len(evented)
         if changed != len(writes):
             return None
         ops = _OutboxOps(conn, world)
@@ -248,7 +287,7 @@ class Writer(Worker):
     ) -> dict[tuple[str, str], int]:
         """The stored versions of the writes' entities (absent: never stored)."""
         refs = {(w.type_name, w.key): None for w in writes}
-        return {(t, k): version for t, k, version in self.db.select(conn, list(refs), "version")}
+        return {(t, k): version for t, k, version in self.db.select(conn, list(refs), VERSION)}
 
     def decide(
         self, conn: sqlite3.Connection, writes: list[Write]
@@ -256,24 +295,56 @@ class Writer(Worker):
         """The slow path: decide each write in order, against the effects of those before it.
 
         A write wins if the stored version (as the winners before it left it) is its expected
-        one, and each outbox row it consumes is still waiting (after the winners before it) and
-        named once.
+        one, each outbox row it consumes is still waiting (after the winners before it) and
+        named once, and (an event write) no event of its entity above ``expected`` is stored.
+
+        Each entity's row is written once, at the end: whole (``rows``), as the last winner that
+        stored one left it (a state write, or an event write with a snapshot); or, for an
+        event-sourced entity created here with no snapshot yet, inserted empty (``bumps``). The
+        row of an event-sourced entity is otherwise left as it is: its version is its log's.
         """
+        world = self.db.world
         current = self.versions(conn, writes)
-        ops = _OutboxOps(conn, self.db.world)
+        logs = self.logs
+        ids = logs.ids(conn, [(w.type_name, w.key) for w in writes if w.events and w.expected])
+        ops = _OutboxOps(conn, world)
         won: list[bool] = []
-        final: dict[tuple[str, str], Write] = {}
+        rows: dict[tuple[str, str], tuple[object, ...]] = {}
+        bumps: dict[tuple[str, str], tuple[object, ...]] = {}
+        appended: list[tuple[object, ...]] = []
         winners: list[Write] = []
         for w in writes:
             ref = (w.type_name, w.key)
             outbox = w.outbox
             consumes = () if outbox is None else outbox.consumes
-            if current.get(ref, 0) != w.expected or (consumes and not ops.waiting(consumes)):
+            events = w.events
+            log = ids.get(ref) if events else None
+            if (
+                current.get(ref, 0) != w.expected
+                or (log is not None and logs.fenced(conn, log, w.expected))
+                or (consumes and not ops.waiting(consumes))
+            ):
                 won.append(False)
                 continue
             current[ref] = w.version
             if w.version != w.expected:
-                final[ref] = w
+                if not events:
+                    rows[ref] = (world, *ref, w.version, w.type_version, w.data, None, None)
+                    if bumps:
+                        bumps.pop(ref, None)
+                else:
+                    if log is None:  # a new entity (it expects 0): a new log
+                        log = ids[ref] = logs.give(ref)
+                    appended.extend(
+                        (log, seq, w.type_version, event)
+                        for seq, event in enumerate(events, w.expected + 1)
+                    )
+                    if w.snapshot:
+                        row = (world, *ref, w.version, w.type_version, w.data, w.version, log)
+                        rows[ref] = row
+                        bumps.pop(ref, None)
+                    elif not w.expected and ref not in rows:  # a new row, until a snapshot
+                        bumps[ref] = (world, *ref, w.version, w.type_version, b"", 0, log)
             if outbox is not None:
                 ops.add(w, outbox)
             winners.append(w)
@@ -281,15 +352,14 @@ class Writer(Worker):
         ops.flush()
         if ops.missed:  # pragma: no cover - `waiting` said these rows were there
             raise RuntimeError("the SQLite writer lost track of the outbox rows it consumes")
-        world = self.db.world
-        if final:
-            conn.executemany(
-                _UPSERT,
-                [
-                    (world, w.type_name, w.key, w.version, w.type_version, w.data)
-                    for w in final.values()
-                ],
-            )
+        if rows:
+            conn.executemany(_UPSERT, list(rows.values()))
+        if bumps:
+            conn.executemany(CREATE, list(bumps.values()))
+        if appended:
+            if conn.executemany(APPEND, appended).rowcount != len(appended):  # pragma: no cover
+                raise RuntimeError("the SQLite writer appended an event whose seq was stored")
+            self.appended = len(appended)
         return won, winners, ops
 
     def prune(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
@@ -440,6 +510,21 @@ def _fast_path_may_hold(writes: list[Write]) -> bool:
     return not checked or not any(
         (w.type_name, w.key) in checked for w in writes if w.version != w.expected
     )
+
+
+def _kinds_meet(
+    evented: list[Write],
+    updates: Sequence[tuple[object, ...]],
+    inserts: Sequence[tuple[object, ...]],
+) -> bool:
+    """Whether an entity has both an event write and a state write (rows of `assume_all_win`).
+
+    The two kinds change rows in statements of their own, so the fast path could apply such an
+    entity's writes out of queue order: the slow path decides them. Only a group with event
+    writes pays for this look.
+    """
+    refs = {(w.type_name, w.key) for w in evented}
+    return any((u[4], u[5]) in refs for u in updates) or any((i[1], i[2]) in refs for i in inserts)
 
 
 class _Failed(Exception):

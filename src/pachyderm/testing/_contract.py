@@ -5,7 +5,8 @@ cases of ``backend_cases()`` to a test framework one by one (each case is a plai
 function).
 Nothing here imports a test framework: a case fails by raising ``AssertionError`` (never a bare
 ``assert``, so ``python -O`` cannot turn the contract off), and declines by raising
-``CaseSkipped``. The cases of the outbox live in ``_contract_outbox`` and run after these.
+``CaseSkipped``. The cases of the outbox live in ``_contract_outbox`` and those of event logs in
+``_contract_events``; they run after these.
 
 The factory contract:
 
@@ -702,6 +703,7 @@ async def _case_unopened_unavailable(make_backend: BackendFactory, reopen: Reope
         await backend.aclose()
 
 
-# The outbox cases, in a module of their own; they register here with `_case` (imported last, as
-# it imports the helpers above).
+# The outbox and event log cases, in modules of their own; they register here with `_case`
+# (imported last, as they import the helpers above).
+from . import _contract_events as _contract_events  # noqa: E402
 from . import _contract_outbox as _contract_outbox  # noqa: E402

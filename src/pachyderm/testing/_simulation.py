@@ -25,10 +25,10 @@ from .._errors import (
     InvalidOptions,
     PachydermError,
     Unavailable,
-    UnknownEntityType,
 )
+from .._eventsourced import fold
 from .._world import World
-from ..backends._base import Write
+from ..backends._base import Stored, StoredEvent, Write
 from ..backends._memory import Memory
 from ._loop import VirtualLoop
 from ._network import Chooser, ClientCall, Faults, Network
@@ -166,10 +166,19 @@ class Recording:
     it saw (a slow follower's skips aside, as for any follower): ``close()`` it when done.
     """
 
-    def __init__(self, sim: Simulation, ref: tuple[Any, Any], since: int | None, versions: bool):
+    def __init__(
+        self,
+        sim: Simulation,
+        ref: tuple[Any, Any],
+        since: int | None,
+        versions: bool,
+        *,
+        events: bool = False,
+    ):
         self._sim = sim
         self.ref = ref
         self._versions = versions
+        self._events = events
         self.last = since
         self.items: list[Any] = []
         self.closed = False
@@ -179,6 +188,11 @@ class Recording:
         self._task = self._sim._loop.create_task(self._follow(self._sim.world))
 
     async def _follow(self, world: World) -> None:
+        if self._events:  # an event stream: (seq, event), resumed after the last seq seen
+            async for seq, event in world.events(self.ref, since=self.last or 0):
+                self.last = seq
+                self.items.append((seq, event))
+            return
         async for version, state in world.follow(self.ref, since=self.last, versions=True):
             self.last = version
             self.items.append((version, state) if self._versions else state)
@@ -369,6 +383,9 @@ class Simulation:
         for channels in engine.channels.values():
             for channel in channels:
                 channel.close()
+        for event_channels in engine.event_channels.values():
+            for event_channel in event_channels:
+                event_channel.close()
         for task in [*engine._tasks, *engine.commits]:
             task.cancel()
         self._settle()
@@ -443,16 +460,21 @@ class Simulation:
         self.run_until_idle()
         return recording
 
-    def events(self, ref: tuple[type[Entity], Any], *, since: int = 0) -> None:
-        """Event streams arrive with event-sourced entities: no entity type has events yet.
+    def events(self, ref: tuple[type[Entity], Any], *, since: int = 0) -> Recording:
+        """Read an event-sourced entity's events (``World.events``) into a ``Recording``.
+
+        Its ``items`` are ``(seq, event)``, filled as the simulation runs, across restarts.
 
         Raises:
-            InvalidKey: a bad ref. UnknownEntityType: always, for now (no type is event-sourced).
+            InvalidKey, UnknownEntityType: a bad ref. InvalidOptions: not event-sourced.
         """
-        info, _ = self.world._registry.resolve(ref)
-        raise UnknownEntityType(
-            f"{info.name} is not an event-sourced entity type (event sourcing is not built yet)"
-        )
+        self._check_open()
+        self.world.events(ref, since=since)  # checks the ref, the type and `since` now
+        recording = Recording(self, ref, since, True, events=True)
+        self._recordings[recording] = None
+        recording._start()
+        self.run_until_idle()
+        return recording
 
     def run_until_complete(self, awaitable: Awaitable[T], *, max_time: float = _DAY) -> T:
         """Run a coroutine of your own inside the simulation (it may use ``sim.world``)."""
@@ -595,9 +617,15 @@ class Simulation:
             return out
         registry = self.world._registry
         for type_name in sorted(space.rows):
-            codec = registry.by_name(type_name).codec
+            info = registry.by_name(type_name)
             for key in sorted(space.rows[type_name]):
-                out[(type_name, key)] = codec.decode(space.rows[type_name][key][2])
+                row = space.rows[type_name][key]
+                if info.events is None:
+                    out[(type_name, key)] = info.codec.decode(row[2])
+                else:
+                    log = space.events.get((type_name, key), [])
+                    events = (StoredEvent(i + 1, *event) for i, event in enumerate(log))
+                    out[(type_name, key)] = fold(info, key, Stored(*row), events)
         return out
 
     def statistics(self) -> dict[str, object]:
