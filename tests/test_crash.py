@@ -9,12 +9,6 @@ stored against what was acknowledged. Every round continues on the state the las
 from __future__ import annotations
 
 import asyncio
-import os
-import selectors
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +16,7 @@ import pachyderm
 from pachyderm.backends import SQLite
 
 from ._crash_child import Counter
+from ._kill import kill_after_lines
 
 CHILD = str(Path(__file__).with_name("_crash_child.py"))
 CALLERS = 200
@@ -36,40 +31,9 @@ def run_until_acks(path: Path, acks: int, timeout: float = 20.0) -> list[tuple[s
 
     Returns every acknowledgement it printed, including those still in the pipe at the kill.
     """
-    proc = subprocess.Popen(
-        [sys.executable, CHILD, str(path), str(CALLERS), str(ENTITIES)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buffer = b""
-    lines: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while len(lines) <= acks and time.monotonic() < deadline:
-                if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
-                    continue
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break  # the child ended by itself: the check below says why
-                buffer += chunk
-                *done, buffer = buffer.split(b"\n")
-                lines.extend(done)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        rest, err = proc.communicate(timeout=30)
-    # Lines written before the kill were acknowledged too; a torn last line was not.
-    *done, _torn = (buffer + rest).split(b"\n")
-    lines.extend(done)
-    assert proc.returncode == -signal.SIGKILL, err.decode(errors="replace")
-    assert lines[:1] == [b"READY"], (lines[:3], err.decode(errors="replace"))
-    assert len(lines) > acks, f"only {len(lines) - 1} acknowledgements in {timeout} s"
-    assert not err, err.decode(errors="replace")
+    lines = kill_after_lines([CHILD, str(path), str(CALLERS), str(ENTITIES)], acks, timeout)
     acked = []
-    for line in lines[1:]:
+    for line in lines:
         key, value = line.decode().split()
         acked.append((key, int(value)))
     return acked
