@@ -443,3 +443,25 @@ def test_event_sourced_types_are_checked_at_registration() -> None:
             pachyderm.World(backends.Memory(), entities=[cls])
     with pytest.raises(pachyderm.UnknownEntityType):
         pachyderm.World(backends.Memory(), entities=[EventSourced])
+
+
+async def test_a_type_that_changed_kind_is_refused_with_a_clear_error(
+    make_backend: MakeBackend,
+) -> None:
+    class Plain(pachyderm.Entity):
+        name = "tests.Ledger"  # the stored name of an event-sourced type
+
+        def activate(self, message: Any, state: Any) -> Any:
+            return message
+
+    async with pachyderm.World(make_backend(), entities=[Ledger]) as w:
+        await w.activate((Ledger, "l"), "x")
+    async with pachyderm.World(make_backend(), entities=[Plain]) as w:
+        with pytest.raises(pachyderm.IncompatibleVersion, match="event-sourced"):
+            await w.activate((Plain, "l"), "y")
+        await w.activate((Plain, "p"), "state")
+    async with pachyderm.World(make_backend(), entities=[Ledger]) as w:
+        with pytest.raises(pachyderm.IncompatibleVersion, match="state entity"):
+            await w.read((Ledger, "p"))  # stored by the state type of the same name
+    async with pachyderm.World(make_backend(), entities=[Ledger]) as w:
+        assert await w.read((Ledger, "l")) == ["x"]  # nothing was overwritten

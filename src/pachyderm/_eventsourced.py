@@ -121,7 +121,7 @@ def run_events(engine: Engine, resident: Resident, batch: list[Call]) -> None:
                                 tip += 1
                                 call.version = tip
                                 call.data = tip_data = new
-                                call.events = [data]
+                                call.events = (data,)
                                 tip_obj = state
                                 if call.delivery is not None:
                                     resident.fx = True
@@ -176,7 +176,7 @@ def _decide(
     tip_data: bytes,
     tip_obj: Any,
     produced: Any,
-) -> tuple[list[bytes], Any, bytes, Any, Any]:
+) -> tuple[tuple[bytes, ...], Any, bytes, Any, Any]:
     """Run one call: ``(encoded events, effects, new state bytes, the caller's copy, tip_obj)``.
 
     ``produced`` is what ``handle`` returned when the caller already called it, else
@@ -214,8 +214,8 @@ def _decide(
                 "events, so a command with effects appends at least one"
             )
         if tip_obj is not None:
-            return [], None, tip_data, tip_obj, tip_obj
-        return [], None, tip_data, codec.decode(tip_data), None
+            return (), None, tip_data, tip_obj, tip_obj
+        return (), None, tip_data, codec.decode(tip_data), None
     options = engine.options
     if len(produced) > MAX_EVENTS:
         raise TooLarge(f"a command appended {len(produced)} events; at most {MAX_EVENTS}")
@@ -258,7 +258,7 @@ def _decide(
         raise TooLarge(
             f"the new state is {len(new)} bytes; max_state_bytes is {options.max_state_bytes}"
         )
-    return encoded, outbox, new, value, obj
+    return tuple(encoded), outbox, new, value, obj
 
 
 def _apply(info: EntityInfo, entity: EventSourced, event: Any, state: Any, seq: int) -> Any:
@@ -283,9 +283,16 @@ def event_write(write: Write, info: EntityInfo, calls: list[Call]) -> None:
         write.events = None
         write.snapshot = False
         return
-    write.events = tuple(data for call in calls if call.events for data in call.events)
+    if len(calls) == 1:  # the common case: one command, whose events are the write's
+        write.events = calls[0].events
+    else:
+        events: list[bytes] = []
+        for call in calls:
+            if call.events:
+                events.extend(call.events)
+        write.events = tuple(events)
     every = info.snapshot_every
-    write.snapshot = bool(every) and write.version // every > write.expected // every
+    write.snapshot = every != 0 and write.version // every > write.expected // every
 
 
 def decode_event(info: EntityInfo, key: str, stored: StoredEvent) -> Any:

@@ -115,6 +115,12 @@ def _install(
             raise error
         if row is None:
             version, data = 0, encode_init(resident)
+        elif info.events is None and row.snapshot is not None:
+            version, data = row.version, b""
+            resident.error = IncompatibleVersion(
+                f"{info.name}:{resident.key!r:.60} is stored as an event-sourced entity; this "
+                "code's type is not event-sourced"
+            )
         elif row.type_version > info.version:
             version, data = row.version, b""
             resident.error = IncompatibleVersion(

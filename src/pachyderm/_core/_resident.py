@@ -48,7 +48,7 @@ class Call:
         # Once run: its effects, in order (outbox rows, and names of timers it cancels).
         self.effects: list[Envelope | str] | None = None
         # Once run by an event-sourced entity: its encoded events (None: none).
-        self.events: list[bytes] | None = None
+        self.events: tuple[bytes, ...] | None = None
         # `data` and `result` are set when it runs, before anything reads them.
         self.data: bytes | None
         self.result: Any

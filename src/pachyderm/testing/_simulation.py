@@ -159,7 +159,10 @@ class Pending:
 
 
 class Recording:
-    """What ``Simulation.follow`` has seen so far: ``items``, in order, as the simulation runs.
+    """What ``Simulation.follow`` (or ``events``) has seen so far: ``items``, in order.
+
+    ``items`` fill as the simulation runs: states (or ``(version, state)``), or for ``events``
+    ``(seq, event)``.
 
     It follows across ``restart()``: it subscribes again after the last version it saw, so it
     neither repeats nor misses a committed version that is still available. It keeps every item
