@@ -504,8 +504,8 @@ def test_the_command_line_round_trip_through_a_sqlite_file(tmp_path: Path) -> No
 
     for n in (3, 4, 5):
         assert cli("activate", "app.py", "Tally", "k:1", str(n), *db)[0] == 0
-    status, _, stderr = cli("history", "export", "app.py", "Tally:k:1", "-o", "h.jsonl", *db)
-    assert (status, stderr) == (0, "3 events of Tally:k:1 written to h.jsonl\n")
+    status, _, stderr = cli("history", "export", "app.py", "Tally", "k:1", "-o", "h.jsonl", *db)
+    assert (status, stderr) == (0, "3 events of Tally 'k:1' written to h.jsonl\n")
     text = (tmp_path / "h.jsonl").read_text(encoding="utf-8")
     assert parsed(text.splitlines())[1:] == [
         {"seq": 1, "type_version": 1, "event": 3},
@@ -514,10 +514,10 @@ def test_the_command_line_round_trip_through_a_sqlite_file(tmp_path: Path) -> No
         {"seq": 3, "type_version": 1, "event": 5},
         {"state": 12, "seq": 3},
     ]
-    assert cli("history", "export", "app.py", "app.Tally:k:1", *db) == (0, text, "")
+    assert cli("history", "export", "app.py", "app.Tally", "k:1", *db) == (0, text, "")
     status, stdout, _ = cli("history", "replay", "app.py", "h.jsonl")
     assert (status, stdout.startswith("ok: 3 events of app.Tally:'k:1'")) == (0, True), stdout
-    status, stdout, _ = cli("history", "check", "app.py", "Tally:k:1", *db)
+    status, stdout, _ = cli("history", "check", "app.py", "Tally", "k:1", *db)
     assert (status, "and with the stored snapshot at seq 2 and the state the world reads") == (
         0,
         stdout.rstrip().split(" every event, ")[1],
@@ -535,7 +535,7 @@ def test_the_command_line_round_trip_through_a_sqlite_file(tmp_path: Path) -> No
         1,
         True,
     ), stdout
-    status, stdout, _ = cli("history", "check", "clocked.py", "Tally:k:1", *db)
+    status, stdout, _ = cli("history", "check", "clocked.py", "Tally", "k:1", *db)
     assert (status, stdout.startswith("diverged: event 1: apply is not")) == (1, True), stdout
 
     # Errors of Pachyderm: exit status 1; usage errors: 2.
@@ -545,8 +545,8 @@ def test_the_command_line_round_trip_through_a_sqlite_file(tmp_path: Path) -> No
     status, _, stderr = cli("history", "replay", "app.py", "h.jsonl", "--type", "Nope")
     assert (status, stderr.startswith("error: UnknownEntityType")) == (1, True), stderr
     status, _, stderr = cli("history", "export", "app.py", "Tally", *db)
-    assert (status, "REF 'Tally' is TypeName:key" in stderr) == (2, True), stderr
+    assert (status, "the following arguments are required: KEY" in stderr) == (2, True), stderr
     status, _, stderr = cli("history", "replay", "app.py", "missing.jsonl")
     assert (status, "FILE 'missing.jsonl'" in stderr) == (2, True), stderr
-    assert cli("history", "export", "app.py", "Tally:k:1", "-o", "no/such/h.jsonl", *db)[0] == 2
+    assert cli("history", "export", "app.py", "Tally", "k:1", "-o", "no/such/h.jsonl", *db)[0] == 2
     assert cli("history", *db)[0] == 2

@@ -46,8 +46,7 @@ _JSON_HELP: Final = (
     "list, an object as a dict. States are printed as JSON, one per line."
 )
 _HISTORY_HELP: Final = (
-    "REF is TypeName:key, TypeName a class name or stored name of an event-sourced type of APP "
-    "(the key is everything after the first colon). A history file is JSON lines: a header, "
+    "TYPE is an event-sourced type of APP. A history file is JSON lines: a header, "
     "one line per event, the stored snapshot, the final state (see docs/events.md). "
     "Exit status: 0 when the replay agrees, 1 when it diverges (the reason is printed) or for "
     "an error of Pachyderm, 2 for a usage error."
@@ -144,11 +143,13 @@ def _add_history(commands: Any, common: argparse.ArgumentParser) -> None:
             epilog=f"{_APP_HELP} {_HISTORY_HELP}",
         )
         sub.set_defaults(command=run, parser=sub)
-        sub.add_argument("app", metavar="APP", help="the file or module of the entity types")
+        if db:
+            _add_ref(sub)  # APP TYPE KEY, as for activate
+        else:
+            sub.add_argument("app", metavar="APP", help="the file or module of the entity types")
         return sub
 
     export = add("export", _run_history_export, "write an entity's history as JSON lines", True)
-    export.add_argument("ref", metavar="REF", help="TypeName:key")
     export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
     replay = add(
         "replay",
@@ -160,13 +161,12 @@ def _add_history(commands: Any, common: argparse.ArgumentParser) -> None:
     replay.add_argument(
         "--type", metavar="NAME", help="the entity type (default: the one the header names)"
     )
-    check = add(
+    add(
         "check",
         _run_history_check,
         "fold the stored events twice; compare with the stored snapshot and state",
         True,
     )
-    check.add_argument("ref", metavar="REF", help="TypeName:key")
 
 
 def _add_ref(parser: argparse.ArgumentParser, *, key: bool = True) -> None:
@@ -230,13 +230,16 @@ def _run_list(args: argparse.Namespace) -> int:
 
 def _run_history_export(args: argparse.Namespace) -> int:
     types = entity_types(load_app(args.app))
-    cls, key = _ref(types, args.ref, args.app)
+    cls = find_type(types, args.type, args.app)
     out = sys.stdout if args.output is None else _open(args.output, write=True)
 
     async def run(world: World) -> int:
-        count = await _history.export(world, (cls, key), out)
+        count = await _history.export(world, (cls, args.key), out)
         if out is not sys.stdout:
-            print(f"{count} events of {args.ref} written to {args.output}", file=sys.stderr)
+            print(
+                f"{count} events of {args.type} {args.key!r} written to {args.output}",
+                file=sys.stderr,
+            )
         return 0
 
     try:
@@ -263,19 +266,12 @@ def _run_history_replay(args: argparse.Namespace) -> int:
 
 def _run_history_check(args: argparse.Namespace) -> int:
     types = entity_types(load_app(args.app))
-    cls, key = _ref(types, args.ref, args.app)
+    cls = find_type(types, args.type, args.app)
 
     async def run(world: World) -> int:
-        return _verdict(await _history.check(world, (cls, key)))
+        return _verdict(await _history.check(world, (cls, args.key)))
 
     return _with_world(args, types, run)
-
-
-def _ref(types: Sequence[type[Entity]], ref: str, app: str) -> tuple[type[Entity], str]:
-    name, colon, key = ref.partition(":")
-    if not colon or not name:
-        raise UsageError(f"REF {ref!r} is TypeName:key (for example Account:alice)")
-    return find_type(types, name, app), key
 
 
 def _open(path: str, *, write: bool) -> TextIO:
