@@ -26,10 +26,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run  # noqa: E402  (benchmarks/run.py: the shared driver and report)
+import run
 
-import pachyderm  # noqa: E402
-from pachyderm import backends  # noqa: E402
+import pachyderm
+from pachyderm import backends
 
 
 class EventCounter(pachyderm.EventSourced):
