@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from pachyderm import backends
 
@@ -13,6 +14,11 @@ from pachyderm import backends
 pytest_plugins = ["pachyderm.testing.pytest_plugin"]
 
 BACKENDS = ("memory", "sqlite")
+
+# Every property test draws the same examples on every run (CI must be deterministic); a test's
+# own settings change the other fields only.
+settings.register_profile("pachyderm", derandomize=True, database=None)
+settings.load_profile("pachyderm")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
