@@ -16,28 +16,25 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any
 
 from . import _faults
 from ._clock import Clock
-from ._core._follow import Channel
+from ._core._follow import Channel, EventChannel
 from ._core._resident import LOADING, READY, STALE, Call, Resident
 from ._dispatch import SINK, Dispatcher
 from ._entity import EntityInfo, Registry, Update
 from ._errors import (
+    EXPECTED,
     Indeterminate,
-    InvalidKey,
-    InvalidOptions,
     PachydermError,
-    Rejected,
     SerializationError,
     Timeout,
     TooLarge,
     Unavailable,
-    UnknownEntityType,
     failed,
 )
-from ._events import EventChannel, push_events
+from ._events import push_events
 from ._eventsourced import event_write, run_events
 from ._loader import load_loop
 from ._options import WorldOptions
@@ -46,17 +43,6 @@ from ._passivation import evict_over_limit, sweep
 from .backends._base import Backend, Receipt, Write
 
 __all__ = ["Engine"]
-
-# Errors passed to the caller as they are (others from a handler become ActivationFailed).
-_EXPECTED: Final = (
-    Timeout,
-    SerializationError,
-    TooLarge,
-    Rejected,
-    InvalidKey,
-    UnknownEntityType,
-    InvalidOptions,
-)
 
 
 class Engine:
@@ -361,7 +347,7 @@ class Engine:
                         f"the new state is {len(data)} bytes; "
                         f"max_state_bytes is {self._max_state_bytes}"
                     )
-            except _EXPECTED as exc:
+            except EXPECTED as exc:
                 call.result = exc
                 if call.delivery is not None:
                     resident.fx = True
@@ -471,7 +457,7 @@ class Engine:
             if exc is not None:
                 raise exc
             self._result(resident, call, task.result())
-        except _EXPECTED as exc:
+        except EXPECTED as exc:
             call.result = exc
         except Exception as exc:
             call.result = failed(resident.info.name, exc)

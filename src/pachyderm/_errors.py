@@ -140,6 +140,19 @@ class IncompatibleVersion(PachydermError):
     """
 
 
+#: The errors a handler's call ends with as they are; any other exception of a handler becomes
+#: ``ActivationFailed`` (see ``failed``).
+EXPECTED: tuple[type[PachydermError], ...] = (
+    Timeout,
+    SerializationError,
+    TooLarge,
+    Rejected,
+    InvalidKey,
+    UnknownEntityType,
+    InvalidOptions,
+)
+
+
 def failed(type_name: str, exc: Exception, method: str = "activate") -> ActivationFailed:
     """The ``ActivationFailed`` for an exception a user's method raised (its ``__cause__``)."""
     if isinstance(exc, ActivationFailed):

@@ -11,11 +11,11 @@ bounded and the stream never skips.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
+from ._core._follow import EventChannel
 from ._eventsourced import decode_event
 from .backends._base import StoredEvent, Write
 
@@ -27,53 +27,6 @@ __all__ = ["EventChannel", "EventStream", "push_events"]
 
 #: Events read from the log per page.
 _PAGE: Final = 1000
-
-
-class EventChannel:
-    """The buffer between an entity's commits and one event-stream reader.
-
-    Mutable state: ``items``, ``behind``, ``closed`` and the waiter, changed by ``push`` (after a
-    commit) and by the reader.
-    """
-
-    __slots__ = ("_waiter", "behind", "capacity", "closed", "items")
-
-    def __init__(self, capacity: int) -> None:
-        self.items: deque[StoredEvent] = deque()
-        self.capacity = capacity
-        #: Events were dropped from the buffer: the reader must read the log again.
-        self.behind = False
-        self.closed = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def push(self, event: StoredEvent) -> None:
-        if self.closed:
-            return
-        if len(self.items) >= self.capacity:
-            self.items.clear()  # the reader catches up from the log: nothing is lost
-            self.behind = True
-        elif not self.behind:
-            self.items.append(event)
-        self._wake()
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self) -> None:
-        """Wait until something is pushed or the channel closes. Cancellation consumes nothing."""
-        if self.items or self.behind or self.closed:
-            return
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
 
 
 def push_events(channels: dict[EventChannel, None], write: Write) -> None:

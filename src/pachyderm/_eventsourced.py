@@ -17,17 +17,14 @@ from ._codec import UNTYPED
 from ._core._resident import Call, Resident
 from ._entity import EntityInfo, EventSourced, Update
 from ._errors import (
+    EXPECTED,
     ActivationFailed,
     EntityBroken,
     IncompatibleVersion,
-    InvalidKey,
-    InvalidOptions,
     Rejected,
     SerializationError,
-    Timeout,
     TooLarge,
     Unavailable,
-    UnknownEntityType,
     failed,
 )
 from ._outbox import effects_of
@@ -51,16 +48,6 @@ MAX_EVENTS: Final = 1000
 _raw_encode = UNTYPED.raw_encode
 #: Events read per page while rebuilding a state.
 _REBUILD_PAGE: Final = 10_000
-# Errors passed to the caller as they are (others from `handle` become ActivationFailed).
-_EXPECTED: Final = (
-    Timeout,
-    SerializationError,
-    TooLarge,
-    Rejected,
-    InvalidKey,
-    UnknownEntityType,
-    InvalidOptions,
-)
 
 
 class Append:
@@ -137,7 +124,7 @@ def run_events(engine: Engine, resident: Resident, batch: list[Call]) -> None:
             engine.stats["activations"] += ran
             engine.refuse_batch(resident, batch[index:])
             return
-        except _EXPECTED as exc:
+        except EXPECTED as exc:
             call.result = exc
         except OverflowError as exc:  # a scalar beyond 64 bits
             call.result = SerializationError(f"cannot encode an event or a state: {exc}")

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
 from ._clock import Clock, SystemClock
-from ._core._follow import Channel
+from ._core._follow import Channel, EventChannel
 from ._core._resident import READY, Call, Resident
 from ._engine import Engine
 from ._entity import MAX_KEY_BYTES, Entity, EntityInfo, Registry
 from ._errors import InvalidOptions, Overloaded, Unavailable
-from ._events import EventChannel, EventStream
+from ._events import EventStream
 from ._eventsourced import Append
 from ._follower import Follower
 from ._options import WorldOptions
@@ -455,15 +455,18 @@ class World:
         return channel
 
     def _unsubscribe_events(self, ref: tuple[str, str], channel: EventChannel) -> None:
-        channels = self._engine.event_channels.get(ref)
-        if channels is not None:
-            channels.pop(channel, None)
-            if not channels:
-                del self._engine.event_channels[ref]
+        _drop(self._engine.event_channels, ref, channel)
 
     def _unsubscribe(self, ref: tuple[str, str], channel: Channel) -> None:
-        channels = self._engine.channels.get(ref)
-        if channels is not None:
-            channels.pop(channel, None)
-            if not channels:
-                del self._engine.channels[ref]
+        _drop(self._engine.channels, ref, channel)
+
+
+def _drop(
+    table: dict[tuple[str, str], dict[Any, None]], ref: tuple[str, str], channel: Any
+) -> None:
+    """Remove a reader's channel from an entity's (and the entity, when it was the last)."""
+    channels = table.get(ref)
+    if channels is not None:
+        channels.pop(channel, None)
+        if not channels:
+            del table[ref]
