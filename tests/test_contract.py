@@ -17,6 +17,8 @@ from pachyderm.testing import (
     check_backend,
 )
 
+from .conftest import PostgresSchemas
+
 CASES = backend_cases()
 IDS = [case.name for case in CASES]
 
@@ -71,6 +73,11 @@ async def test_memory(case: BackendCase) -> None:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 async def test_sqlite(case: BackendCase, tmp_path: Path) -> None:
     await _run(case, SQLiteFiles(tmp_path))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+async def test_postgres(case: BackendCase, postgres: PostgresSchemas) -> None:
+    await case.run(postgres.new, postgres.reopen)
 
 
 async def test_check_backend_passes_on_memory() -> None:

@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--db",
         metavar="URL",
-        help=f"the backend: memory://, sqlite:///relative.db, sqlite:////absolute.db "
-        f"(default: ${URL_VARIABLE}, else {DEFAULT_URL})",
+        help=f"the backend: memory://, sqlite:///relative.db, sqlite:////absolute.db, "
+        f"postgresql://user@host/database (default: ${URL_VARIABLE}, else {DEFAULT_URL})",
     )
     common.add_argument(
         "--world", metavar="NAME", default="default", help="the world's name (default: default)"
@@ -125,7 +125,27 @@ def _parser() -> argparse.ArgumentParser:
     _add_ref(list_, key=False)
     list_.add_argument("--prefix", default="", help="only keys starting with this")
     _add_history(commands, common)
+    about = "create or migrate the backend's tables (PostgreSQL; SQLite does it when opened)"
+    migrate = commands.add_parser("migrate", parents=[common], help=about, description=about)
+    migrate.set_defaults(command=_run_migrate, parser=migrate)
     return parser
+
+
+def _run_migrate(args: argparse.Namespace) -> int:
+    """``pachyderm migrate``: create or migrate the tables of the backend at ``--db``."""
+    backend = backends.open(_url(args))
+    if isinstance(backend, backends.Postgres):
+        version = asyncio.run(backend.migrate())
+        print(f"schema {backend.schema!r} is at version {version}")
+        return 0
+
+    async def touch() -> None:  # SQLite and Memory create and migrate their tables on open
+        await backend.open(args.world)
+        await backend.aclose()
+
+    asyncio.run(touch())
+    print(f"{type(backend).__name__}: the tables are at this version")
+    return 0
 
 
 def _add_history(commands: Any, common: argparse.ArgumentParser) -> None:

@@ -2,7 +2,9 @@
 
 - ``Memory()``: one process, not durable; for tests and the REPL.
 - ``SQLite(path)``: one machine, durable.
-- ``open(url)``: ``memory://`` or ``sqlite:///path`` (``sqlite:///./app.db`` for a relative path).
+- ``Postgres(dsn)``: many machines, durable (``pip install pachyderm[postgres]``).
+- ``open(url)``: ``memory://``, ``sqlite:///path`` (``sqlite:///./app.db`` for a relative path)
+  or ``postgresql://user@host/database``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from ._base import EnvelopeId as EnvelopeId
 from ._base import Outbox as Outbox
 from ._base import Receipt as Receipt
 from ._base import Stored as Stored
+from ._base import StoredEvent as StoredEvent
 from ._base import Write as Write
 from ._memory import Memory as Memory
+from ._postgres import Postgres as Postgres
 from ._sqlite import SQLite as SQLite
 from ._url import open as open
 
@@ -26,9 +30,11 @@ __all__ = [
     "EnvelopeId",
     "Memory",
     "Outbox",
+    "Postgres",
     "Receipt",
     "SQLite",
     "Stored",
+    "StoredEvent",
     "Write",
     "open",
 ]

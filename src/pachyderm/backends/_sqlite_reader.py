@@ -34,6 +34,7 @@ from ._sqlite_jobs import (
 )
 from ._sqlite_logs import VERSION
 from ._sqlite_schema import Database
+from ._text import is_unicode, successor, valid_floor
 
 __all__ = ["Reader"]
 
@@ -122,7 +123,7 @@ class Reader(Worker):
             try:
                 found = self.load_refs(conn, list(refs))
             except UnicodeEncodeError:  # such a ref was never stored: leave it out
-                valid = [ref for ref in refs if _is_unicode(ref[0]) and _is_unicode(ref[1])]
+                valid = [ref for ref in refs if is_unicode(ref[0]) and is_unicode(ref[1])]
                 found = self.load_refs(conn, valid)
         except Exception as e:
             if len(jobs) > 1 and not isinstance(e, sqlite3.OperationalError):
@@ -190,15 +191,15 @@ class Reader(Worker):
         after: str | None,
         limit: int,
     ) -> list[str]:
-        # Keys start with `prefix` exactly when prefix <= key < _successor(prefix); in SQLite's
+        # Keys start with `prefix` exactly when prefix <= key < successor(prefix); in SQLite's
         # binary collation UTF-8 byte order is code point order, as for Python strings.
-        if not _is_unicode(prefix) or not _is_unicode(type_name):
+        if not is_unicode(prefix) or not is_unicode(type_name):
             return []
         if after is not None and after >= prefix:
-            low, strict = _valid_floor(after)
+            low, strict = valid_floor(after)
         else:
             low, strict = prefix, False
-        high = _successor(prefix)
+        high = successor(prefix)
         world = self.db.world
         if high is None:
             sql = _LIST_FROM_ABOVE if strict else _LIST_FROM
@@ -233,7 +234,7 @@ class Reader(Worker):
             found = self.waiting(conn, ids)
         except UnicodeEncodeError:  # such an id was never stored: leave it out
             found = self.waiting(
-                conn, [id for id in ids if _is_unicode(id[0]) and _is_unicode(id[1])]
+                conn, [id for id in ids if is_unicode(id[0]) and is_unicode(id[1])]
             )
         return [tuple(id) in found for id in ids]
 
@@ -262,36 +263,3 @@ def _read_error(error: Exception, path: str) -> Exception:
     ):
         return Unavailable(f"SQLite could not read ({path}): {error}")
     return TypeError(f"the SQLite backend cannot read with these values: {error!r}")
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _valid_floor(after: str) -> tuple[str, bool]:
-    """``(low, strict)`` such that the valid keys > ``after`` are those > or >= ``low``.
-
-    ``after`` may hold a lone surrogate (which SQLite cannot bind); no stored key holds one, so
-    the keys above ``after`` are those at or above its part before the surrogate + U+E000.
-    """
-    for i, char in enumerate(after):
-        if "\ud800" <= char <= "\udfff":
-            return after[:i] + "\ue000", False
-    return after, True
-
-
-def _successor(prefix: str) -> str | None:
-    """The least string above every string starting with ``prefix`` (None: there is none)."""
-    while prefix:
-        last = ord(prefix[-1])
-        if last < 0x10FFFF:
-            nxt = last + 1
-            if 0xD800 <= nxt <= 0xDFFF:
-                nxt = 0xE000
-            return prefix[:-1] + chr(nxt)
-        prefix = prefix[:-1]
-    return None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 from .._errors import InvalidOptions
 from ._base import Backend
 from ._memory import Memory
+from ._postgres import Postgres
 from ._sqlite import SQLite
 
 __all__ = ["open"]
@@ -16,7 +17,8 @@ def open(url: str) -> Backend:
     """Return the backend a URL names.
 
     ``memory://``; ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, with an
-    optional ``?synchronous=NORMAL``.
+    optional ``?synchronous=NORMAL``; ``postgresql://user:password@host:port/database`` (or
+    ``postgres://``), with an optional ``?schema=name``; its other options go to asyncpg.
 
     Raises:
         InvalidOptions: the URL's scheme or options are not known.
@@ -40,4 +42,10 @@ def open(url: str) -> Backend:
         if options:
             raise InvalidOptions(f"unknown sqlite:// options: {sorted(options)}")
         return SQLite(path, synchronous=synchronous)
+    if parts.scheme in ("postgresql", "postgres"):
+        schema = options.pop("schema", "pachyderm")
+        query = urlencode(options)
+        return Postgres(
+            urlunsplit((parts.scheme, parts.netloc, parts.path, query, "")), schema=schema
+        )
     raise InvalidOptions(f"unknown backend URL scheme {parts.scheme!r} in {url!r}")
