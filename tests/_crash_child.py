@@ -1,6 +1,7 @@
-"""A child process for tests/test_crash.py: ``python _crash_child.py PATH CALLERS ENTITIES``.
+"""A child process for tests/test_crash.py: ``python _crash_child.py URL CALLERS ENTITIES``.
 
-Runs ``World(SQLite(PATH), entities=[Counter])`` with CALLERS concurrent callers over ENTITIES
+Runs ``World(backends.open(URL), entities=[Counter])`` (SQLite or PostgreSQL) with CALLERS
+concurrent callers over ENTITIES
 counters (caller i activates ``k{i % ENTITIES}``, over and over). It prints ``READY`` once the
 world is open, then ``key value`` right after each ``await world.activate(...)`` returns (the
 acknowledgement), flushed at once, until it is killed.
@@ -13,7 +14,7 @@ import sys
 from typing import Any
 
 import pachyderm
-from pachyderm.backends import SQLite
+from pachyderm import backends
 
 
 class Counter(pachyderm.Entity):
@@ -28,8 +29,8 @@ class Counter(pachyderm.Entity):
         return state + 1
 
 
-async def main(path: str, callers: int, entities: int) -> None:
-    async with pachyderm.World(SQLite(path), entities=[Counter]) as world:
+async def main(url: str, callers: int, entities: int) -> None:
+    async with pachyderm.World(backends.open(url), entities=[Counter]) as world:
         print("READY", flush=True)
 
         async def caller(key: str) -> None:

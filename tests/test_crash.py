@@ -1,9 +1,11 @@
-"""SIGKILL under load: every acknowledged activation is there after a restart (World, SQLite FULL).
+"""SIGKILL under load: every acknowledged activation is there after a restart (SQLite FULL, and
+PostgreSQL).
 
 A child process runs a world with many concurrent callers over a few counters and prints each
 acknowledged value. The parent kills it mid-load, at a different moment each round, then opens
-the file in a fresh world right away (the kernel released the child's lock) and checks what is
-stored against what was acknowledged. Every round continues on the state the last one left.
+the storage in a fresh world right away (for SQLite: the kernel released the child's lock) and
+checks what is stored against what was acknowledged. Every round continues on the state the last
+one left.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import asyncio
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 import pachyderm
-from pachyderm.backends import SQLite
+from pachyderm import backends
 
 from ._crash_child import Counter
 from ._kill import kill_after_lines
@@ -26,12 +30,12 @@ KEYS = [f"k{i}" for i in range(ENTITIES)]
 KILL_AFTER = (500, 4000, 12000)
 
 
-def run_until_acks(path: Path, acks: int, timeout: float = 20.0) -> list[tuple[str, int]]:
+def run_until_acks(url: str, acks: int, timeout: float = 20.0) -> list[tuple[str, int]]:
     """Start the child, read its acknowledgements until ``acks`` of them, SIGKILL it.
 
     Returns every acknowledgement it printed, including those still in the pipe at the kill.
     """
-    lines = kill_after_lines([CHILD, str(path), str(CALLERS), str(ENTITIES)], acks, timeout)
+    lines = kill_after_lines([CHILD, url, str(CALLERS), str(ENTITIES)], acks, timeout)
     acked = []
     for line in lines:
         key, value = line.decode().split()
@@ -39,9 +43,9 @@ def run_until_acks(path: Path, acks: int, timeout: float = 20.0) -> list[tuple[s
     return acked
 
 
-async def stored_values(path: Path) -> dict[str, int]:
+async def stored_values(url: str) -> dict[str, int]:
     # Opened at once after the kill: a lock left behind would raise StorageLocked here.
-    async with pachyderm.World(SQLite(path), entities=[Counter]) as world:
+    async with pachyderm.World(backends.open(url), entities=[Counter]) as world:
         values = {key: await world.read((Counter, key)) for key in KEYS}
         assert sorted([k async for k in world.list(Counter)]) == sorted(
             k for k, v in values.items() if v
@@ -49,16 +53,23 @@ async def stored_values(path: Path) -> dict[str, int]:
         return values
 
 
-def test_every_acknowledged_activation_survives_sigkill_under_load(tmp_path: Path) -> None:
-    path = tmp_path / "crash.db"
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'crash.db'}"  # an absolute path: four slashes
+    server = request.getfixturevalue("postgres_server")
+    return f"{server.dsn}?schema=crash"  # one test uses it, once per session
+
+
+def test_every_acknowledged_activation_survives_sigkill_under_load(url: str) -> None:
     acked: dict[str, list[int]] = defaultdict(list)
     stored = dict.fromkeys(KEYS, 0)
     for round_, kill_after in enumerate(KILL_AFTER, start=1):
-        for key, value in run_until_acks(path, kill_after):
+        for key, value in run_until_acks(url, kill_after):
             # The restarted world went on from the stored state, not from an older one.
             assert value > stored[key], (round_, key, value, stored[key])
             acked[key].append(value)
-        stored = asyncio.run(stored_values(path))
+        stored = asyncio.run(stored_values(url))
         for key in KEYS:
             values = acked[key]
             # No duplicate activation: Counter counts by 1, so each value is acknowledged once.

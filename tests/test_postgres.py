@@ -218,3 +218,49 @@ async def test_the_world_survives_a_restart_of_postgres_under_load() -> None:
                 assert await world.read((Counter, key)) >= value
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("committed", [False, True])
+async def test_a_connection_lost_at_commit_is_indeterminate_and_emits_nothing(
+    postgres: PostgresSchemas, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    """The connection dies at COMMIT (before it reached the server, or after): ``Indeterminate``.
+
+    Nothing is told to followers, and a retry with the idempotency key learns the outcome
+    without running twice.
+    """
+    from asyncpg.transaction import Transaction  # type: ignore[import-untyped]
+
+    original = Transaction.commit
+    armed = [True]
+
+    async def commit(self: Any) -> None:
+        if not armed[0] or self._nested:
+            return await original(self)  # type: ignore[no-any-return]
+        armed[0] = False
+        if committed:
+            await original(self)  # it commits; then its reply is lost
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection lost at COMMIT")
+        killer = await asyncpg.connect(postgres.server.dsn)
+        try:  # the server drops the session before COMMIT arrives: rolled back
+            await killer.execute(
+                "SELECT pg_terminate_backend($1)", self._connection.get_server_pid()
+            )
+        finally:
+            await killer.close()
+        await original(self)  # fails: the connection is gone
+
+    async with pachyderm.World(postgres.new(), entities=[Counter]) as world:
+        assert await world.activate((Counter, "c"), "+") == 1
+        follower = world.follow((Counter, "c"), versions=True)
+        assert await follower.__anext__() == (1, 1)
+        monkeypatch.setattr(Transaction, "commit", commit)
+        with pytest.raises(pachyderm.Indeterminate, match="PostgreSQL COMMIT failed"):
+            await world.activate((Counter, "c"), "+", idempotency_key="once")
+        assert follower._channel is not None and follower._channel.pop_nowait() is None
+        # The retry: the receipt if it committed, else it runs now; either way, once.
+        assert await world.activate((Counter, "c"), "+", idempotency_key="once") == 2
+        assert await world.activate((Counter, "c"), "+", idempotency_key="once") == 2
+        assert await follower.__anext__() == (2, 2)
+        await follower.aclose()
+        assert await world.read((Counter, "c")) == 2

@@ -198,41 +198,47 @@ class Postgres(Backend):
         if not writes:
             return []
         asyncpg = _asyncpg()
-        at_commit = False
+        at_commit = committed = False
+        failure: BaseException | None = None  # the first error, before any of the cleanup's
+        won: list[bool] | None = None
+        batch: Batch | None = None
         try:
             async with pool.acquire() as conn:
-                if self._recount:
-                    self._counts = await self._count_outbox(conn, world)
-                    self._recount = False
-                batch = Batch(conn, self._sql, world)
-                transaction = conn.transaction()
-                await transaction.start()
                 try:
-                    won = await batch.assume_all_win(writes)
-                    if won is None:
-                        await transaction.rollback()
-                        self._stats["slow"] += 1
-                        batch = Batch(conn, self._sql, world)
-                        transaction = conn.transaction()
-                        await transaction.start()
-                        won = [await decide_one(batch, w) for w in writes]
-                    await batch.put_receipts([w for w, ok in zip(writes, won, strict=True) if ok])
-                except BaseException:
-                    if not conn.is_closed():
-                        with contextlib.suppress(Exception):
+                    if self._recount:
+                        self._counts = await self._count_outbox(conn, world)
+                        self._recount = False
+                    batch = Batch(conn, self._sql, world)
+                    transaction = conn.transaction()
+                    await transaction.start()
+                    try:
+                        won = await batch.assume_all_win(writes)
+                        if won is None:
                             await transaction.rollback()
+                            self._stats["slow"] += 1
+                            batch = Batch(conn, self._sql, world)
+                            transaction = conn.transaction()
+                            await transaction.start()
+                            won = [await decide_one(batch, w) for w in writes]
+                        winners = [w for w, ok in zip(writes, won, strict=True) if ok]
+                        await batch.put_receipts(winners)
+                    except BaseException:
+                        if not conn.is_closed():
+                            with contextlib.suppress(Exception):
+                                await transaction.rollback()
+                        raise
+                    at_commit = True
+                    await transaction.commit()
+                    committed = True
+                except BaseException as e:
+                    failure = e
                     raise
-                at_commit = True
-                await transaction.commit()
-        except UnicodeEncodeError as e:
-            raise InvalidKey(f"a type name, key or outbox text is not valid Unicode: {e}") from e
-        except asyncpg.exceptions.ProgramLimitExceededError as e:
-            raise TooLarge(f"a value is over PostgreSQL's limits: {e}") from e
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            if at_commit:
-                self._recount = True
-                raise Indeterminate(f"PostgreSQL COMMIT failed, the outcome is unknown: {e}") from e
-            raise Unavailable(f"PostgreSQL could not commit, nothing was written: {e}") from e
+        except Exception as e:
+            if not committed:
+                raise self._commit_error(failure or e, at_commit, asyncpg) from (failure or e)
+            # Committed; only giving the connection back to the pool failed: the pool drops it.
+        assert won is not None
+        assert batch is not None
         counts = self._counts
         self._counts = {kind: counts[kind] + batch.delta[kind] for kind in counts}
         stats = self._stats
@@ -241,6 +247,23 @@ class Postgres(Backend):
         stats["writes"] += len(writes)
         stats["conflicts"] += won.count(False)
         return won
+
+    def _commit_error(self, error: BaseException, at_commit: bool, asyncpg: Any) -> Exception:
+        """The error of a commit that did not return: what its callers are told."""
+        if isinstance(error, UnicodeEncodeError):
+            return InvalidKey(f"a type name, key or outbox text is not valid Unicode: {error}")
+        if isinstance(error, asyncpg.exceptions.ProgramLimitExceededError):
+            return TooLarge(f"a value is over PostgreSQL's limits: {error}")
+        if at_commit:  # whatever it is: COMMIT was sent, or may have been
+            self._recount = True
+            return Indeterminate(f"PostgreSQL COMMIT failed, the outcome is unknown: {error}")
+        expected = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.exceptions.InternalClientError)  # fmt: skip
+        if isinstance(error, expected):
+            return Unavailable(f"PostgreSQL could not commit, nothing was written: {error}")
+        if isinstance(error, Exception):
+            return error  # not the database's: a bug, or a value it cannot take (TypeError)
+        raise error  # pragma: no cover - BaseException (cancellation) goes through
 
     # ------------------------------------------------------------------ reads
 
