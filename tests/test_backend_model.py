@@ -27,7 +27,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from pachyderm.backends import Backend, Memory, Receipt, SQLite, Write
+from pachyderm.backends import Backend, Memory, Postgres, Receipt, SQLite, Write
+
+from ._postgres import PostgresServer
 
 T = TypeVar("T")
 
@@ -232,3 +234,29 @@ def test_the_model_runs_on_memory_against_itself(monkeypatch: pytest.MonkeyPatch
         ),
     )
     assert objects, "the machine never made a backend"
+
+
+def test_postgres_behaves_like_memory(
+    monkeypatch: pytest.MonkeyPatch, postgres_server: PostgresServer
+) -> None:
+    # The same machine, with PostgreSQL in SQLite's place: each of its paths is a schema of the
+    # session's server, so that reopening a path finds its data again.
+    schemas: dict[str, str] = {}
+
+    def postgres_on(path: str) -> Backend:
+        schema = schemas.setdefault(path, f"model{len(schemas) + 1}")
+        return Postgres(postgres_server.dsn, schema=schema, max_size=2)
+
+    monkeypatch.setattr(sys.modules[__name__], "SQLite", postgres_on)
+    run_state_machine_as_test(
+        BackendModel,
+        settings=settings(
+            max_examples=20,
+            stateful_step_count=30,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+    assert schemas, "the machine never made a backend"

@@ -257,7 +257,8 @@ async def test_a_connection_lost_at_commit_is_indeterminate_and_emits_nothing(
         monkeypatch.setattr(Transaction, "commit", commit)
         with pytest.raises(pachyderm.Indeterminate, match="PostgreSQL COMMIT failed"):
             await world.activate((Counter, "c"), "+", idempotency_key="once")
-        assert follower._channel is not None and follower._channel.pop_nowait() is None
+        assert follower._channel is not None
+        assert follower._channel.pop_nowait() is None
         # The retry: the receipt if it committed, else it runs now; either way, once.
         assert await world.activate((Counter, "c"), "+", idempotency_key="once") == 2
         assert await world.activate((Counter, "c"), "+", idempotency_key="once") == 2
