@@ -50,6 +50,7 @@ SURFACE = {
         "Consume",
         "Envelope",
         "EnvelopeId",
+        "Fence",
         "Memory",
         "Outbox",
         "Postgres",

@@ -266,6 +266,7 @@ class Engine:
                 write.data = resident.tip_data
                 write.receipts = self._receipts(pending) if resident.idempotent else ()
                 write.outbox = outbox
+                write.fence = None  # the cluster's partition lease (not on one machine)
                 if info.events is None:
                     write.events = None
                     write.snapshot = False

@@ -13,6 +13,7 @@ from ._base import Backend as Backend
 from ._base import Consume as Consume
 from ._base import Envelope as Envelope
 from ._base import EnvelopeId as EnvelopeId
+from ._base import Fence as Fence
 from ._base import Outbox as Outbox
 from ._base import Receipt as Receipt
 from ._base import Stored as Stored
@@ -28,6 +29,7 @@ __all__ = [
     "Consume",
     "Envelope",
     "EnvelopeId",
+    "Fence",
     "Memory",
     "Outbox",
     "Postgres",

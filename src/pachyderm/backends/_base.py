@@ -24,6 +24,7 @@ __all__ = [
     "Consume",
     "Envelope",
     "EnvelopeId",
+    "Fence",
     "Outbox",
     "Receipt",
     "Stored",
@@ -135,6 +136,21 @@ class Outbox:
     consumes: tuple[Consume, ...] = ()
 
 
+@dataclass(slots=True, frozen=True)
+class Fence:
+    """The partition lease a write needs (the cluster): ``node`` holds ``partition`` at ``epoch``.
+
+    A fenced write also loses unless that lease is still the partition's, held by ``node`` at
+    ``epoch``, and not expired by the backend's clock, checked in the same statement as the
+    version: a node paused past its lease, or one whose partition moved on, cannot commit.
+    Backends of one process (Memory, SQLite) have no partitions and get no fences.
+    """
+
+    node: str
+    partition: int
+    epoch: int
+
+
 @dataclass(slots=True)
 class Write:
     """One conditional write: applied only if the stored version is still ``expected``.
@@ -165,6 +181,7 @@ class Write:
     outbox: Outbox | None = None
     events: tuple[bytes, ...] | None = None
     snapshot: bool = False
+    fence: Fence | None = None
 
 
 class Backend(abc.ABC):

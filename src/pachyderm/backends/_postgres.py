@@ -212,6 +212,7 @@ class Postgres(Backend):
                     transaction = conn.transaction()
                     await transaction.start()
                     try:
+                        await batch.check_fences(writes)
                         won = await batch.assume_all_win(writes)
                         if won is None:
                             await transaction.rollback()
@@ -219,6 +220,7 @@ class Postgres(Backend):
                             batch = Batch(conn, self._sql, world)
                             transaction = conn.transaction()
                             await transaction.start()
+                            await batch.check_fences(writes)
                             won = [await decide_one(batch, w) for w in writes]
                         winners = [w for w, ok in zip(writes, won, strict=True) if ok]
                         await batch.put_receipts(winners)
@@ -264,6 +266,71 @@ class Postgres(Backend):
         if isinstance(error, Exception):
             return error  # not the database's: a bug, or a value it cannot take (TypeError)
         raise error  # pragma: no cover - BaseException (cancellation) goes through
+
+    # ------------------------------------------------------------------ the cluster's rows
+    #
+    # Membership and partition leases, in the database's time (the nodes' clocks never decide
+    # who owns a partition). The node runtime that uses them arrives with the cluster; each call
+    # is one statement, in its own transaction.
+
+    async def cluster_size(self, partitions: int) -> int:
+        """The world's number of partitions: ``partitions`` if it is the first to say, else
+        what the first node said (compare, and refuse to join if they differ)."""
+        _, world = self._open()
+        if type(partitions) is not int or not 1 <= partitions <= 65_536:
+            raise InvalidOptions(f"partitions is an int from 1 to 65536; got {partitions!r}")
+        rows = await self._fetch("cluster", world, partitions)
+        return int(rows[0][0])
+
+    async def join(self, node: str, address: str, types: str) -> None:
+        """Register (or refresh) a member: its id, where it listens, its entity types."""
+        _, world = self._open()
+        await self._fetch("join", world, node, address, types)
+
+    async def heartbeat(self, node: str) -> None:
+        _, world = self._open()
+        await self._fetch("heartbeat", world, node)
+
+    async def leave(self, node: str) -> None:
+        _, world = self._open()
+        await self._fetch("leave", world, node)
+
+    async def members(self, alive_within: float) -> list[tuple[str, str, str]]:
+        """``(id, address, types)`` of the members heard from within ``alive_within`` seconds."""
+        _, world = self._open()
+        rows = await self._fetch("members", world, float(alive_within))
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def claim(self, node: str, partitions: Sequence[int], lease: float) -> dict[int, int]:
+        """Take the partitions that are free or expired (epoch + 1), and extend ``node``'s own.
+
+        Returns ``{partition: epoch}`` of those ``node`` holds now, for ``lease`` seconds of the
+        database's clock from the statement.
+        """
+        _, world = self._open()
+        rows = await self._fetch("claim", world, node, sorted(set(partitions)), float(lease))
+        return {row[0]: row[1] for row in rows}
+
+    async def renew(self, node: str, held: dict[int, int], lease: float) -> dict[int, int]:
+        """Extend the leases ``node`` still holds at those epochs (and not expired); return them."""
+        _, world = self._open()
+        parts = sorted(held)
+        rows = await self._fetch(
+            "renew", world, node, float(lease), parts, [held[p] for p in parts]
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def release(self, node: str, held: dict[int, int]) -> list[int]:
+        """Give partitions up (epoch + 1, no owner): another node may claim them at once."""
+        _, world = self._open()
+        parts = sorted(held)
+        rows = await self._fetch("release", world, node, parts, [held[p] for p in parts])
+        return sorted(row[0] for row in rows)
+
+    async def leases(self) -> list[tuple[int, str | None, int, float]]:
+        """Every partition row: ``(partition, owner, epoch, seconds left on its lease)``."""
+        _, world = self._open()
+        return [(r[0], r[1], r[2], r[3]) for r in await self._fetch("leases", world)]
 
     # ------------------------------------------------------------------ reads
 

@@ -43,6 +43,15 @@ TABLES: Final = (
     " WHERE dead IS NULL AND due > 0",
     "CREATE UNIQUE INDEX IF NOT EXISTS outbox_by_name"
     " ON {s}.outbox (world, sender_type, sender_key, name) WHERE name IS NOT NULL AND dead IS NULL",
+    # The cluster: its size, its members, and one lease row per partition (owner, epoch, and
+    # the lease's end in the database's time).
+    f"CREATE TABLE IF NOT EXISTS {{s}}.clusters (world {_T} PRIMARY KEY,"
+    " partitions integer NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {{s}}.nodes (world {_T}, id {_T}, address text NOT NULL,"
+    " types text NOT NULL, heartbeat timestamptz NOT NULL, PRIMARY KEY (world, id))",
+    f"CREATE TABLE IF NOT EXISTS {{s}}.partitions (world {_T}, p integer NOT NULL,"
+    ' owner text COLLATE "C" NULL, epoch bigint NOT NULL, lease_until timestamptz NOT NULL,'
+    " PRIMARY KEY (world, p))",
     # The logs of event-sourced entities; the primary key is the fence.
     f"CREATE TABLE IF NOT EXISTS {{s}}.events (world {_T}, type {_T}, key {_T},"
     " seq bigint NOT NULL, type_version integer NOT NULL, event bytea NOT NULL,"
@@ -173,6 +182,59 @@ _STATEMENTS: Final = {
     ),
     "count_outbox": (
         "SELECT dead IS NOT NULL, due != 0, count(*) FROM {s}.outbox WHERE world = $1 GROUP BY 1, 2"
+    ),
+    # A fenced write's lease, checked and share-locked in its transaction: a takeover (which
+    # updates the row) waits until the commit is over, so no two owners ever commit at once.
+    "fences": (
+        "SELECT pt.p, pt.owner, pt.epoch FROM {s}.partitions pt"
+        " JOIN unnest($2::integer[], $3::text[], $4::bigint[]) AS u(p, owner, epoch)"
+        ' ON pt.world = $1 AND pt.p = u.p AND pt.owner = u.owner COLLATE "C"'
+        " AND pt.epoch = u.epoch AND pt.lease_until > now() ORDER BY pt.p FOR SHARE OF pt"
+    ),
+    "cluster": (
+        "WITH made AS (INSERT INTO {s}.clusters (world, partitions) VALUES ($1, $2)"
+        " ON CONFLICT DO NOTHING RETURNING partitions)"
+        " SELECT partitions FROM made UNION ALL"
+        " SELECT partitions FROM {s}.clusters WHERE world = $1"
+    ),
+    "join": (
+        "INSERT INTO {s}.nodes (world, id, address, types, heartbeat)"
+        " VALUES ($1, $2, $3, $4, now()) ON CONFLICT (world, id) DO UPDATE SET"
+        " address = excluded.address, types = excluded.types, heartbeat = now()"
+    ),
+    "heartbeat": "UPDATE {s}.nodes SET heartbeat = now() WHERE world = $1 AND id = $2",
+    "leave": "DELETE FROM {s}.nodes WHERE world = $1 AND id = $2",
+    "members": (
+        "SELECT id, address, types FROM {s}.nodes WHERE world = $1"
+        " AND heartbeat > now() - make_interval(secs => $2) ORDER BY id"
+    ),
+    # Claim: a free partition (epoch 1), an expired or released one (epoch + 1), or extend one's
+    # own live lease (same epoch).
+    "claim": (
+        "INSERT INTO {s}.partitions AS pt (world, p, owner, epoch, lease_until)"
+        " SELECT $1, u.p, $2, 1, now() + make_interval(secs => $4)"
+        " FROM unnest($3::integer[]) AS u(p)"
+        " ON CONFLICT (world, p) DO UPDATE SET owner = excluded.owner,"
+        " epoch = CASE WHEN pt.owner = excluded.owner AND pt.lease_until > now() THEN pt.epoch"
+        " ELSE pt.epoch + 1 END, lease_until = excluded.lease_until"
+        " WHERE pt.owner IS NULL OR pt.lease_until <= now() OR pt.owner = excluded.owner"
+        " RETURNING pt.p, pt.epoch"
+    ),
+    "renew": (
+        "UPDATE {s}.partitions AS pt SET lease_until = now() + make_interval(secs => $3)"
+        " FROM unnest($4::integer[], $5::bigint[]) AS u(p, epoch)"
+        " WHERE pt.world = $1 AND pt.p = u.p AND pt.owner = $2 AND pt.epoch = u.epoch"
+        " AND pt.lease_until > now() RETURNING pt.p, pt.epoch"
+    ),
+    "release": (
+        "UPDATE {s}.partitions AS pt SET owner = NULL, epoch = pt.epoch + 1, lease_until = now()"
+        " FROM unnest($3::integer[], $4::bigint[]) AS u(p, epoch)"
+        " WHERE pt.world = $1 AND pt.p = u.p AND pt.owner = $2 AND pt.epoch = u.epoch"
+        " RETURNING pt.p"
+    ),
+    "leases": (
+        "SELECT p, owner, epoch, extract(epoch FROM lease_until - now())::double precision"
+        " FROM {s}.partitions WHERE world = $1 ORDER BY p"
     ),
     "events": (
         "SELECT seq, type_version, event FROM {s}.events WHERE world = $1 AND type = $2"

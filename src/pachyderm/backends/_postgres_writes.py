@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._base import Write
+from ._base import Fence, Write
 
 __all__ = ["Batch", "decide_one"]
 
@@ -34,11 +34,30 @@ class Batch:
         self.sql = statements
         self.world = world
         self.delta = {"messages": 0, "timers": 0, "dead": 0}
+        # The fences of the batch's writes that hold (checked and locked by `check_fences`).
+        self.held: set[Fence] = set()
+
+    async def check_fences(self, writes: Sequence[Write]) -> None:
+        """Check the leases the writes need, and share-lock them until the transaction ends."""
+        fences = list(dict.fromkeys(w.fence for w in writes if w.fence is not None))
+        if fences:
+            rows = await self.conn.fetch(
+                self.sql["fences"],
+                self.world,
+                [f.partition for f in fences],
+                [f.node for f in fences],
+                [f.epoch for f in fences],
+            )
+            self.held = {Fence(owner, p, epoch) for p, owner, epoch in rows}
+
+    def fenced_out(self, write: Write) -> bool:
+        """Whether the write needs a lease that is not held (then it loses)."""
+        return write.fence is not None and write.fence not in self.held
 
     async def assume_all_win(self, writes: Sequence[Write]) -> list[bool] | None:
         """Run all the writes at once; ``[True, ...]`` if every condition held, else None."""
         refs = {(w.type_name, w.key) for w in writes}
-        if len(refs) < len(writes):
+        if len(refs) < len(writes) or any(self.fenced_out(w) for w in writes):
             return None
         renamers: set[tuple[str, str]] = set()
         sent: set[tuple[str, str, int, int]] = set()
@@ -200,6 +219,8 @@ async def decide_one(batch: Batch, write: Write) -> bool:
     outbox = write.outbox
     if outbox is not None and len({c.id for c in outbox.consumes}) < len(outbox.consumes):
         return False  # a write naming a row twice loses
+    if batch.fenced_out(write):
+        return False  # its node does not hold its partition's lease (any more)
     savepoint = batch.conn.transaction()
     await savepoint.start()
     delta = {"messages": 0, "timers": 0, "dead": 0}
