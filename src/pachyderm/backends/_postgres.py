@@ -40,7 +40,7 @@ from .._errors import Indeterminate, InvalidKey, InvalidOptions, TooLarge, Unava
 from ._base import Backend, Envelope, EnvelopeId, Receipt, Stored, StoredEvent, Write
 from ._postgres_sql import SCHEMA_NAME, SCHEMA_VERSION, TABLES, sql
 from ._postgres_writes import Batch, decide_one
-from ._text import is_unicode, successor, valid_floor
+from ._text import is_unicode, key_range
 
 __all__ = ["SESSION_SETTINGS", "Postgres"]
 
@@ -387,11 +387,7 @@ class Postgres(Backend):
         _, world = self._open()
         if limit <= 0 or not is_unicode(prefix) or not is_unicode(type_name):
             return []
-        if after is not None and after >= prefix:
-            low, strict = valid_floor(after)
-        else:
-            low, strict = prefix, False
-        high = successor(prefix)
+        low, strict, high = key_range(prefix, after)
         limit = min(limit, _MAX_INT)
         if high is None:
             name = "list_above" if strict else "list_from"

@@ -34,7 +34,7 @@ from ._sqlite_jobs import (
 )
 from ._sqlite_logs import VERSION
 from ._sqlite_schema import Database
-from ._text import is_unicode, successor, valid_floor
+from ._text import is_unicode, key_range
 
 __all__ = ["Reader"]
 
@@ -191,15 +191,9 @@ class Reader(Worker):
         after: str | None,
         limit: int,
     ) -> list[str]:
-        # Keys start with `prefix` exactly when prefix <= key < successor(prefix); in SQLite's
-        # binary collation UTF-8 byte order is code point order, as for Python strings.
         if not is_unicode(prefix) or not is_unicode(type_name):
             return []
-        if after is not None and after >= prefix:
-            low, strict = valid_floor(after)
-        else:
-            low, strict = prefix, False
-        high = successor(prefix)
+        low, strict, high = key_range(prefix, after)
         world = self.db.world
         if high is None:
             sql = _LIST_FROM_ABOVE if strict else _LIST_FROM

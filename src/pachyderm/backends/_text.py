@@ -7,7 +7,7 @@ database, and was never stored.
 
 from __future__ import annotations
 
-__all__ = ["is_unicode", "successor", "valid_floor"]
+__all__ = ["is_unicode", "key_range", "successor", "valid_floor"]
 
 
 def is_unicode(text: str) -> bool:
@@ -41,3 +41,17 @@ def successor(prefix: str) -> str | None:
             return prefix[:-1] + chr(nxt)
         prefix = prefix[:-1]
     return None
+
+
+def key_range(prefix: str, after: str | None) -> tuple[str, bool, str | None]:
+    """The keys of a listing as ``(low, strict, high)``: above (``strict``) or from ``low``, below
+    ``high`` (``None``: no bound).
+
+    Keys start with ``prefix`` exactly when ``prefix <= key < successor(prefix)``, in code point
+    order (SQLite's binary collation and PostgreSQL's ``"C"`` order UTF-8 that way).
+    """
+    if after is not None and after >= prefix:
+        low, strict = valid_floor(after)
+    else:
+        low, strict = prefix, False
+    return low, strict, successor(prefix)
