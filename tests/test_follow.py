@@ -12,7 +12,7 @@ import pytest
 import pachyderm
 from pachyderm import backends
 
-from .test_world import ALL, Counter, Log
+from .test_world import ALL, Counter, Log, types_for
 
 MakeBackend = Callable[[], backends.Backend]
 
@@ -47,7 +47,7 @@ class ManualClock:
 
 
 async def test_follow_yields_current_then_each_commit(make_backend: MakeBackend) -> None:
-    async with pachyderm.World(make_backend(), entities=ALL) as w:
+    async with pachyderm.World(backend := make_backend(), entities=types_for(backend)) as w:
         ref = (Counter, "f")
         await w.activate(ref, 1)
         await w.activate(ref, 1)
@@ -60,7 +60,7 @@ async def test_follow_yields_current_then_each_commit(make_backend: MakeBackend)
 
 
 async def test_follow_never_activated_gives_init_and_versions(make_backend: MakeBackend) -> None:
-    async with pachyderm.World(make_backend(), entities=ALL) as w:
+    async with pachyderm.World(backend := make_backend(), entities=types_for(backend)) as w:
         ref = (Log, "v")
         follower = w.follow(ref, versions=True)
         assert await follower.__anext__() == (0, [])
@@ -70,7 +70,7 @@ async def test_follow_never_activated_gives_init_and_versions(make_backend: Make
 
 
 async def test_since_resumes_after_a_version(make_backend: MakeBackend) -> None:
-    async with pachyderm.World(make_backend(), entities=ALL) as w:
+    async with pachyderm.World(backend := make_backend(), entities=types_for(backend)) as w:
         ref = (Counter, "s")
         for _ in range(3):
             await w.activate(ref, 1)
@@ -92,7 +92,7 @@ async def test_since_resumes_after_a_version(make_backend: MakeBackend) -> None:
 
 
 async def test_no_gap_no_duplicate_between_snapshot_and_stream(make_backend: MakeBackend) -> None:
-    async with pachyderm.World(make_backend(), entities=ALL) as w:
+    async with pachyderm.World(backend := make_backend(), entities=types_for(backend)) as w:
         ref = (Counter, "race")
         seen: list[list[int]] = []
 
@@ -134,7 +134,7 @@ async def test_slow_follower_skips_ahead_with_bounded_memory() -> None:
 
 
 async def test_followers_survive_handler_failures(make_backend: MakeBackend) -> None:
-    async with pachyderm.World(make_backend(), entities=ALL) as w:
+    async with pachyderm.World(backend := make_backend(), entities=types_for(backend)) as w:
         ref = (Counter, "boom")
         follower = w.follow(ref)
         assert await follower.__anext__() == 0
@@ -188,7 +188,9 @@ async def test_passivation_by_idle_time_and_followers_survive_it() -> None:
 
 
 async def test_passivation_by_resident_count(make_backend: MakeBackend) -> None:
-    async with pachyderm.World(make_backend(), entities=ALL, max_resident=10) as w:
+    async with pachyderm.World(
+        backend := make_backend(), entities=types_for(backend), max_resident=10
+    ) as w:
         for i in range(100):
             await w.activate((Counter, str(i)), i)
         assert w.statistics()["resident"] <= 10

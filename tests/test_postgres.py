@@ -265,3 +265,18 @@ async def test_a_connection_lost_at_commit_is_indeterminate_and_emits_nothing(
         assert await follower.__anext__() == (2, 2)
         await follower.aclose()
         assert await world.read((Counter, "c")) == 2
+
+
+def test_a_pickling_type_is_refused_on_a_networked_backend() -> None:
+    class Pickled(pachyderm.Entity):
+        name = "tests.pg.Pickled"
+        pickle = True
+
+        def activate(self, message: Any, state: Any) -> Any:
+            return {message}
+
+    backend = Postgres("postgresql://u@127.0.0.1:1/db")
+    with pytest.raises(pachyderm.InvalidOptions, match="pickle"):
+        pachyderm.World(backend, entities=[Counter, Pickled])
+    pachyderm.World(backend, entities=[Counter])  # the others are fine
+    pachyderm.World(backends.Memory(), entities=[Pickled])  # and local storage may pickle

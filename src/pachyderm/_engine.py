@@ -49,7 +49,7 @@ class Engine:
     """Runs the entities of one world on one backend.
 
     Mutable state, touched only on the event loop: ``residents`` and ``order`` (the CLOCK
-    hand), ``ready`` (entities with work for the runner), ``_to_load``, ``channels`` (followers
+    hand), ``ready`` (entities with work for the runner), ``to_load``, ``channels`` (followers
     by entity), ``commits`` (commit tasks in flight), ``stats``.
     """
 
@@ -120,14 +120,11 @@ class Engine:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for channels in self.channels.values():
-            for channel in channels:
-                channel.close()
-        self.channels.clear()
-        for event_channels in self.event_channels.values():
-            for event_channel in event_channels:
-                event_channel.close()
-        self.event_channels.clear()
+        for table in (self.channels, self.event_channels):
+            for readers in table.values():
+                for reader in readers:
+                    reader.close()
+            table.clear()
 
     # ------------------------------------------------------------------ residents and loading
 

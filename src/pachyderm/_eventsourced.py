@@ -92,28 +92,43 @@ def run_events(engine: Engine, resident: Resident, batch: list[Call]) -> None:
         try:
             if tip_obj is not None and scalar_events and type(message) is not Append:
                 produced = entity.handle(message, tip_obj)  # type: ignore[attr-defined]
-                if type(produced) is list and len(produced) == 1:
+                if (
+                    type(produced) is list
+                    and len(produced) == 1
+                    and type(produced[0]) in scalar_events
+                ):
+                    # One scalar event on a scalar state: no copy to make, and once `apply` has
+                    # run the call is finished here (it never runs twice).
                     event = produced[0]
-                    if type(event) in scalar_events:
-                        data = _raw_encode(event)
-                        try:
-                            state = entity.apply(event, tip_obj)  # type: ignore[attr-defined]
-                        except Exception as exc:
-                            raise _broken(info, key, exc, tip + 1) from exc
-                        if type(state) in shareable and len(data) <= max_event:
-                            new = info.encode_scalar(state)
-                            if len(new) <= max_state:
-                                call.result = state
-                                ran += 1
-                                tip += 1
-                                call.version = tip
-                                call.data = tip_data = new
-                                call.events = (data,)
-                                tip_obj = state
-                                if call.delivery is not None:
-                                    resident.fx = True
-                                pending.append(call)
-                                continue
+                    data = _raw_encode(event)
+                    if len(data) > max_event:
+                        raise TooLarge(
+                            f"an event is {len(data)} bytes; max_message_bytes is {max_event}"
+                        )
+                    try:
+                        state = entity.apply(event, tip_obj)  # type: ignore[attr-defined]
+                    except Exception as exc:
+                        raise _broken(info, key, exc, tip + 1) from exc
+                    if type(state) in shareable:
+                        new, value, obj = info.encode_scalar(state), state, state
+                    else:
+                        new = info.codec.encode(state)
+                        value, obj = info.codec.decode(new), None
+                    if len(new) > max_state:
+                        raise TooLarge(
+                            f"the new state is {len(new)} bytes; max_state_bytes is {max_state}"
+                        )
+                    call.result = value
+                    ran += 1
+                    tip += 1
+                    call.version = tip
+                    call.data = tip_data = new
+                    call.events = (data,)
+                    tip_obj = obj
+                    if call.delivery is not None:
+                        resident.fx = True
+                    pending.append(call)
+                    continue
                 decided = _decide(engine, resident, call, tip, tip_data, tip_obj, produced)
             else:
                 decided = _decide(engine, resident, call, tip, tip_data, tip_obj, _UNSET)

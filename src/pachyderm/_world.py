@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
 from ._clock import Clock, SystemClock
+from ._codec import PickleCodec
 from ._core._follow import Channel, EventChannel
 from ._core._resident import READY, Call, Resident
 from ._engine import Engine
@@ -67,6 +68,14 @@ class World:
         self.name = name
         self.options = WorldOptions.build(options, overrides)
         self._registry = Registry(entities)
+        if backend.networked:
+            pickled = [info.name for info in self._registry if isinstance(info.codec, PickleCodec)]
+            if pickled:
+                raise InvalidOptions(
+                    f"{type(backend).__name__} reads states over the network, and pickle is never "
+                    f"used on bytes from the network: {', '.join(pickled)} set pickle = True "
+                    "(declare a state_type instead)"
+                )
         self._engine = Engine(
             backend,
             self.options,

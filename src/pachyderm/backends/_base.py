@@ -196,6 +196,10 @@ class Backend(abc.ABC):
     scope: ClassVar[str]
     #: Whether committed state survives the process.
     durable: ClassVar[bool]
+    #: Whether the stored bytes come back over a network (a database server): then no entity
+    #: type may store its states with pickle (``World`` refuses it), since whoever can write to
+    #: the database could make this process run code.
+    networked: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def open(self, world: str) -> None:

@@ -88,6 +88,7 @@ class Postgres(Backend):
 
     scope: ClassVar[str] = "many machines"
     durable: ClassVar[bool] = True
+    networked: ClassVar[bool] = True
 
     def __init__(
         self,
