@@ -32,7 +32,7 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _faults
@@ -110,6 +110,11 @@ class Dispatcher:
         # counted after the receiver's reload if the write committed.
         self.doubt_consumed: dict[tuple[str, str], list[tuple[int, int, tuple[Consume, ...]]]] = {}
         self._counted: dict[EnvelopeId, None] = {}  # dead letters and timers counted, newest last
+        # In a cluster (set by its node): `remote(envelope)` takes a message that is not for
+        # this node to run now (True); `mine(ref)` says whose rows a scan keeps.
+        self.remote: Callable[[Envelope], bool] | None = None
+        self.mine: Callable[[tuple[str, str]], bool] | None = None
+        self._sweep = False
         self.stats = {"delivered": 0, "timers_fired": 0, "dead_letters": 0, "redelivered": 0}
 
     # ------------------------------------------------------------------ start and stop
@@ -144,9 +149,66 @@ class Dispatcher:
         )
         while True:
             page = await self.engine.backend.due(until, after=after, limit=_SCAN_PAGE)
+            mine = self.mine
             for envelope in page:
-                if envelope.due > since or (envelope.due == 0.0 and hold):
+                if (envelope.due > since or (envelope.due == 0.0 and hold)) and (
+                    mine is None or mine((envelope.to_type, envelope.to_key))
+                ):
                     self._arrive(envelope, hold=hold)
+            if len(page) < _SCAN_PAGE:
+                return
+            after = page[-1].key()
+
+    async def recover_partitions(self, wanted: Callable[[tuple[str, str]], bool]) -> None:
+        """A cluster node claimed partitions: read the rows due to their entities, in order.
+
+        Like ``recover`` for those entities: every message, and the timers due up to what is
+        in memory, held first and then flushed. Cancellation: the rows stay in storage.
+        """
+        after: tuple[float, str, str, int, int] | None = None
+        until = max(self._until, 0.0)
+        while True:
+            page = await self.engine.backend.due(until, after=after, limit=_SCAN_PAGE)
+            for envelope in page:
+                if wanted((envelope.to_type, envelope.to_key)):
+                    self._arrive(envelope, hold=True)
+            if len(page) < _SCAN_PAGE:
+                break
+            after = page[-1].key()
+        for ref in [ref for ref in self.held if wanted(ref)]:
+            self._flush(ref)
+
+    def move_out(self, moved: Callable[[tuple[str, str]], bool]) -> None:
+        """Entities left this node (a cluster): their held messages go to the node's router."""
+        remote = self.remote
+        for ref in [ref for ref in self.held if moved(ref)]:
+            handle = self._retry_at.pop(ref, None)
+            if handle is not None:
+                handle.cancel()
+            self._attempts.pop(ref, None)
+            envelopes = self.held.pop(ref)
+            if remote is not None:
+                for envelope in envelopes:
+                    remote(envelope)
+
+    def sweep_soon(self) -> None:
+        """Read the stored messages of this node's entities again, soon (a cluster changed)."""
+        self._sweep = True
+        self._set_wake()
+
+    async def _sweep_messages(self) -> None:
+        """Deliver the stored messages to this node's entities (a cluster: a sender may have
+        died before forwarding them). Duplicates of delivered ones are dropped or lose."""
+        mine = self.mine
+        assert mine is not None
+        after: tuple[float, str, str, int, int] | None = None
+        while not self.closing:
+            page = await self.engine.backend.due(0.0, after=after, limit=_SCAN_PAGE)
+            for envelope in page:
+                if envelope.due == 0.0 and mine((envelope.to_type, envelope.to_key)):
+                    resident = self.engine.residents.get((envelope.to_type, envelope.to_key))
+                    if resident is None or envelope.id not in (resident.deliveries or ()):
+                        self.deliver(envelope)
             if len(page) < _SCAN_PAGE:
                 return
             after = page[-1].key()
@@ -225,6 +287,8 @@ class Dispatcher:
         """Put a message in its receiver's mailbox (or behind the ones it holds)."""
         if self.closing:
             return  # it stays in storage, for the next start
+        if self.remote is not None and self.remote(envelope):
+            return  # another node's entity (a cluster): forwarded
         ref = (envelope.to_type, envelope.to_key)
         if self.held:
             held = self.held.get(ref)
@@ -285,6 +349,9 @@ class Dispatcher:
         self._retry_at.pop(ref, None)
         held = self.held.get(ref)
         if held is None or self.closing:
+            return
+        if self.mine is not None and not self.mine(ref):
+            self.move_out(lambda r: r == ref)  # it left this node meanwhile
             return
         engine = self.engine
         try:
@@ -468,10 +535,13 @@ class Dispatcher:
         heap, timers = self._heap, self._timers
         while not self.closing:
             now = self.clock.wall()
-            if now >= next_scan:
+            if now >= next_scan or self._sweep:
                 next_scan = now + self.horizon / 2
+                sweep, self._sweep = self.mine is not None, False
                 with contextlib.suppress(PachydermError):  # storage away: try at the next one
                     await self._scan(now + self.horizon)
+                    if sweep:
+                        await self._sweep_messages()
                 continue  # time moved while it scanned
             fired = 0
             while heap and heap[0][0] <= now and fired < _FIRE_BATCH:

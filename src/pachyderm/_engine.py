@@ -40,9 +40,15 @@ from ._loader import load_loop
 from ._options import WorldOptions
 from ._outbox import effects_of, faults_after_commit, outbox_of
 from ._passivation import evict_over_limit, sweep
-from .backends._base import Backend, Receipt, Write
+from .backends._base import Backend, Fence, Receipt, Write
 
 __all__ = ["Engine"]
+
+
+def _moved() -> PachydermError:
+    from ._router import Moved
+
+    return Moved("the entity's partition moved to another node")
 
 
 class Engine:
@@ -93,6 +99,10 @@ class Engine:
         #: ``error`` None once they committed (or failed with nothing to commit), else the
         #: commit's error. None outside a simulation (``pachyderm.testing`` records history).
         self.observer: Callable[[Resident, list[Call], PachydermError | None], None] | None = None
+        #: In a cluster (set by its node): the partition lease a write of an entity needs, or
+        #: None if this node must not write it; and whether a lease is still this node's.
+        self.fence_of: Callable[[str, str], Fence | None] | None = None
+        self.still_holds: Callable[[Fence], bool] | None = None
 
     def start(self) -> None:
         self.loop = loop = asyncio.get_running_loop()
@@ -205,6 +215,7 @@ class Engine:
         budget = self._turn_budget
         run_batch = self._run_batch
         new_write = Write.__new__
+        fence_of = self.fence_of
         while True:
             if not ready:
                 self.run_waiter = self.loop.create_future()
@@ -251,8 +262,16 @@ class Engine:
                         self.answer(resident, call, call.result)
                     self._made_room(resident)
                     continue
-                resident.inflight = pending
                 info = resident.info
+                if fence_of is None:
+                    fence = None  # one machine: no partitions
+                else:
+                    fence = fence_of(info.name, resident.key)
+                    if fence is None:  # its partition is not (or no longer) this node's
+                        resident.pending = pending
+                        self.disown(resident, _moved())
+                        continue
+                resident.inflight = pending
                 # `Write(...)` without the cost of the dataclass's Python __init__ frame.
                 write = new_write(Write)
                 write.type_name = info.name
@@ -263,7 +282,7 @@ class Engine:
                 write.data = resident.tip_data
                 write.receipts = self._receipts(pending) if resident.idempotent else ()
                 write.outbox = outbox
-                write.fence = None  # the cluster's partition lease (not on one machine)
+                write.fence = fence
                 if info.events is None:
                     write.events = None
                     write.snapshot = False
@@ -540,6 +559,10 @@ class Engine:
             faults_after_commit(writes, outcome)
         for write, resident, won in zip(writes, owners, outcome, strict=True):
             if not won:
+                fence = write.fence
+                if fence is not None and not self.still_holds(fence):  # type: ignore[misc]
+                    self.disown(resident, _moved(), lost=True)  # fenced: the partition moved
+                    continue
                 self.stats["conflicts"] += 1
                 self._rerun(resident)
                 continue
@@ -671,6 +694,30 @@ class Engine:
             self._made_room(resident)
         elif resident.busy and call.version is None:
             call.future.set_exception(Timeout("the deadline passed while the handler ran"))
+
+    def disown(self, resident: Resident, error: PachydermError, *, lost: bool = False) -> None:
+        """The entity's partition is no longer this node's: fail what waits, forget the entity.
+
+        Nothing of the failed calls committed. A write in flight answers its own callers when
+        it returns (it is fenced: it commits only if the lease was still ours), unless
+        ``lost`` (it returned and lost: its calls fail too). Deliveries go back to the held
+        queues, from where the node forwards them to the new owner.
+        """
+        calls = [*(resident.pending or ()), *(resident.mailbox or ())]
+        if lost and resident.inflight is not None:
+            calls = [*resident.inflight, *calls]
+            resident.inflight = None
+        resident.pending = resident.mailbox = None
+        resident.fx = False
+        self.dispatcher.take_back(resident, calls)
+        for call in calls:
+            self.answer(resident, call, error)
+        resident.tip_version, resident.tip_data = resident.version, resident.data
+        resident.tip_obj = None
+        if self.residents.get(resident.ref) is resident:
+            del self.residents[resident.ref]
+        self.to_load.pop(resident.ref, None)
+        self._made_room(resident)
 
     def withdraw(self, resident: Resident, call: Call) -> None:
         """The caller gave up: a still-queued message is removed and never runs."""

@@ -37,6 +37,11 @@ class WorldOptions:
             (``TooLarge`` beyond).
         timer_horizon: seconds of timers held in memory: timers due within it wait in a heap,
             later ones in storage only, brought in by a scan every half horizon.
+        lease: (a cluster) seconds a node's partition leases last, in the database's time. A
+            node renews them every ``lease / 5`` seconds and stops serving them ``lease / 5``
+            before they would expire unrenewed; after a crash its partitions are taken over
+            within about ``lease + lease / 5`` seconds (the takeover bound; docs/cluster.md).
+        partitions: (a cluster) the number of partitions of the world, fixed by its first node.
     """
 
     mailbox_size: int = 1000
@@ -52,6 +57,8 @@ class WorldOptions:
     max_effects: int = 100
     max_message_bytes: int = 256 * 1024
     timer_horizon: float = 60.0
+    lease: float = 5.0
+    partitions: int = 256
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -35,7 +35,7 @@ import msgspec
 from . import _errors
 from ._errors import InvalidOptions, PachydermError, Timeout, Unavailable
 
-__all__ = ["DEFAULT_MAX_FRAME", "Handler", "Peer", "Server"]
+__all__ = ["DEFAULT_MAX_FRAME", "ConnectionLost", "Handler", "Peer", "Server"]
 
 log = logging.getLogger("pachyderm.transport")
 
@@ -61,6 +61,10 @@ _ERRORS: Final[dict[str, type[PachydermError]]] = {
 
 class _Closed(Exception):
     """The connection must close (a bad frame, a bad MAC, the peer left)."""
+
+
+class _Left(_Closed):
+    """The peer closed the connection between two frames (not an error)."""
 
 
 def _check_secret(secret: object) -> bytes:
@@ -93,6 +97,9 @@ class _Framing:
     async def read_raw(self) -> bytes:
         try:
             header = await self.reader.readexactly(4)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise _Left(f"the peer left: {exc!r}") from None
+        try:
             size = int.from_bytes(header, "big")
             if size > self.max_frame + _MAC:
                 raise _Closed(f"a frame of {size} bytes, over the limit of {self.max_frame}")
@@ -136,6 +143,10 @@ class _Framing:
         self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
+
+
+class ConnectionLost(Unavailable):
+    """The connection closed with this request sent and unanswered: it may have run there."""
 
 
 class PayloadTooLarge(_errors.TooLarge):
@@ -213,9 +224,13 @@ class Server:
         try:
             peer = await asyncio.wait_for(self._handshake(framing), _HANDSHAKE_TIMEOUT)
             await self._serve(framing, peer)
+        except _Left:
+            pass
         except (TimeoutError, _Closed) as exc:
             self.refused += 1
             log.warning("closed a connection from %s: %s", writer.get_extra_info("peername"), exc)
+        except asyncio.CancelledError:
+            pass  # the server closes: this connection ends here
         finally:
             self.connections.discard(task)
             await framing.close()
@@ -358,7 +373,7 @@ class Peer:
             self._waiting.pop(id, None)
 
     async def _read(self) -> None:
-        error: BaseException = Unavailable(f"the connection to {self.node} closed")
+        error: BaseException = ConnectionLost(f"the connection to {self.node} closed")
         try:
             while True:
                 message = await self._framing.read()
@@ -372,7 +387,7 @@ class Peer:
                     else:
                         future.set_exception(_error_of(body))
         except _Closed as exc:
-            error = Unavailable(f"the connection to {self.node} closed: {exc}")
+            error = ConnectionLost(f"the connection to {self.node} closed: {exc}")
         finally:
             self.closed = True
             for future in self._waiting.values():

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
 from ._clock import Clock, SystemClock
+from ._cluster import Node
 from ._codec import PickleCodec
 from ._core._follow import Channel, EventChannel
 from ._core._resident import READY, Call, Resident
@@ -36,6 +37,11 @@ class World:
         name: the world's name; it namespaces everything in the backend.
         options: a ``WorldOptions``; keyword ``**overrides`` replace some of its fields.
         clock: the time source (the simulation injects a virtual one).
+        listen: ``"host:port"`` (port 0: any free one): make this world a node of the cluster
+            of its name, on a backend shared by the nodes (``Postgres``); see docs/cluster.md.
+        secret: the cluster's secret (at least 16 bytes), which every node of it knows:
+            node-to-node connections prove it both ways. Required with ``listen``.
+        node_id: this node's id in the cluster (default: host name, pid and a random part).
 
     Raises:
         InvalidOptions: a bad name or option. UnknownEntityType: a bad entity type.
@@ -53,6 +59,9 @@ class World:
         name: str = "default",
         options: WorldOptions | None = None,
         clock: Clock | None = None,
+        listen: str | None = None,
+        secret: str | bytes | None = None,
+        node_id: str | None = None,
         **overrides: Any,
     ) -> None:
         if not isinstance(backend, Backend):
@@ -92,6 +101,18 @@ class World:
         self._residents = self._engine.residents
         self._ready = self._engine.ready
         self._call_timeout = self.options.call_timeout
+        self._node: Node | None = None
+        if listen is not None or secret is not None:
+            if getattr(backend, "claim", None) is None:
+                raise InvalidOptions(
+                    f"a cluster needs a backend its nodes share (backends.Postgres); "
+                    f"{type(backend).__name__} is for one process"
+                )
+            if listen is None or secret is None:
+                raise InvalidOptions("a cluster node needs both listen= and secret=")
+            self._node = Node(self, backend, listen=listen, secret=secret, node_id=node_id)  # type: ignore[arg-type]
+        elif node_id is not None:
+            raise InvalidOptions("node_id= is for a cluster node (with listen= and secret=)")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -114,9 +135,17 @@ class World:
         await self.backend.open(self.name)
         self._open = True
         self._engine.start()
+        node = self._node
+        if node is not None:
+            engine, router = self._engine, node.router
+            engine.fence_of, engine.still_holds = node.fence_of, node.still_holds
+            engine.dispatcher.remote = router.route_delivery
+            engine.dispatcher.mine = lambda ref: node.partition(*ref) in node.held
         try:
             # Messages committed before a stop or a crash go first (see Dispatcher.recover).
             await self._engine.dispatcher.recover()
+            if node is not None:
+                await node.start()  # joins, claims a first share (and reads its rows)
         except BaseException:
             await self.aclose()
             raise
@@ -134,6 +163,8 @@ class World:
         self._serving = False
         if not self._open:
             return
+        if self._node is not None:
+            await self._node.stop()  # hands its partitions off (their calls drain first)
         await self._engine.stop()
         self._open = False
         await self.backend.aclose()
@@ -193,6 +224,19 @@ class World:
             or "\x00" in key
         ):
             info, key = self._registry.resolve(ref)
+        if self._node is not None:
+            return await self._node.router.activate(info, key, message, idempotency_key, timeout)
+        return await self._activate(info, key, message, idempotency_key, timeout)
+
+    async def _activate(
+        self,
+        info: EntityInfo,
+        key: str,
+        message: Any,
+        idempotency_key: str | None,
+        timeout: float | None,
+    ) -> Any:
+        """``activate`` of a checked ref, here (in a cluster: the router calls it)."""
         if not self._serving:
             self._check_open()
         if idempotency_key is not None:
@@ -281,6 +325,8 @@ class World:
         """
         info, key = self._registry.resolve(ref)
         self._check_open()
+        if self._node is not None:
+            return await self._node.router.read(info, key)
         resident = await self._engine.loaded(info, key)
         return info.codec.decode(resident.data)
 
@@ -399,6 +445,11 @@ class World:
             "commits_in_flight": len(engine.commits),
             "outbox": self.backend.outbox_counts() if self._open else {},
             "backend": self.backend.statistics(),
+            **(
+                {}
+                if self._node is None
+                else {"cluster": {**self._node.status(), "router": self._node.router.stats}}
+            ),
         }
 
     # ------------------------------------------------------------------ idempotency
@@ -443,6 +494,16 @@ class World:
     # ------------------------------------------------------------------ following
 
     async def _subscribe(self, ref: tuple[str, str], since: int | None) -> tuple[Channel, Any]:
+        if self._node is not None:
+            info = self._registry.by_name(ref[0])
+            self._check_open()
+            return self._node.router.follow_channel(info, ref[1], since), info.codec.decode
+        return await self._subscribe_local(ref, since)
+
+    async def _subscribe_local(
+        self, ref: tuple[str, str], since: int | None
+    ) -> tuple[Channel, Any]:
+        """Subscribe to an entity served here (in a cluster: for the router's relays)."""
         info = self._registry.by_name(ref[0])
         self._check_open()
         resident = await self._engine.loaded(info, ref[1])
@@ -459,14 +520,23 @@ class World:
 
     def _subscribe_events(self, info: EntityInfo, key: str) -> EventChannel:
         self._check_open()
+        if self._node is not None:
+            return self._node.router.event_channel(info, key)
         channel = EventChannel(self.options.follower_buffer * 16)
         self._engine.event_channels.setdefault((info.name, key), {})[channel] = None
         return channel
 
     def _unsubscribe_events(self, ref: tuple[str, str], channel: EventChannel) -> None:
+        if self._node is not None:
+            self._node.router.unsubscribe(channel)
         _drop(self._engine.event_channels, ref, channel)
 
     def _unsubscribe(self, ref: tuple[str, str], channel: Channel) -> None:
+        if self._node is not None:
+            self._node.router.unsubscribe(channel)
+        self._unsubscribe_local(ref, channel)
+
+    def _unsubscribe_local(self, ref: tuple[str, str], channel: Channel) -> None:
         _drop(self._engine.channels, ref, channel)
 
 
