@@ -1,8 +1,8 @@
 """Benchmark of issue 6's first figure: one node on PostgreSQL against an asyncpg ceiling.
 
-Usage: ``python benchmarks/postgres.py [--runs N] [--quick]``. It starts a PostgreSQL server of
-its own (``tests/_postgres.py``: ``initdb`` and ``pg_ctl`` in a temporary folder, on loopback,
-as an unprivileged user when run as root), and stops it at the end.
+Usage: ``python benchmarks/postgres.py [--runs N] [--quick]``. It starts a PostgreSQL server
+of its own (``pachyderm.testing.PostgresServer``: ``initdb`` and ``pg_ctl`` in a temporary
+folder, on loopback, as an unprivileged user when run as root), and stops it at the end.
 
 - world: 1000 concurrent callers over 10k entities, durable activations per second, on
   ``backends.Postgres`` (``run.world_rate``, as for the other backends);
@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 
 import asyncpg  # type: ignore[import-untyped]  # noqa: E402
 import run  # noqa: E402
-from tests._postgres import PostgresServer  # noqa: E402
 
 from pachyderm import backends  # noqa: E402
+from pachyderm.testing import PostgresServer  # noqa: E402
 
 
 async def ceiling(dsn: str, keys: list[str], total: int, schema: str) -> float:

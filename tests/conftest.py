@@ -11,8 +11,7 @@ import pytest
 from hypothesis import settings
 
 from pachyderm import backends
-
-from ._postgres import PostgresServer, missing_binaries
+from pachyderm.testing import PostgresServer, missing_binaries
 
 # The `sim` fixture, as a user enables it.
 pytest_plugins = ["pachyderm.testing.pytest_plugin"]

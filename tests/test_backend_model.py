@@ -28,8 +28,7 @@ from hypothesis.stateful import (
 )
 
 from pachyderm.backends import Backend, Memory, Postgres, Receipt, SQLite, Write
-
-from ._postgres import PostgresServer
+from pachyderm.testing import PostgresServer
 
 T = TypeVar("T")
 

@@ -17,8 +17,7 @@ import pytest
 import pachyderm
 from pachyderm import Update, after, backends, send
 from pachyderm._transport import Peer
-
-from ._postgres import PostgresServer
+from pachyderm.testing import PostgresServer
 
 SECRET = "a cluster secret for the tests"
 LEASE = 1.0

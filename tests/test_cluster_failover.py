@@ -17,9 +17,9 @@ import pytest
 
 from pachyderm import backends
 from pachyderm._core._partitions import partition_of
+from pachyderm.testing import PostgresServer
 
 from ._nodes import NodeProcess, check_history, wait_until
-from ._postgres import PostgresServer
 
 LEASE = 1.0
 KEYS = 12

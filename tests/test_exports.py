@@ -77,6 +77,7 @@ SURFACE = {
         "Faults",
         "FinalWorld",
         "Pending",
+        "PostgresServer",
         "Recording",
         "Reopen",
         "Schedule",
@@ -86,6 +87,7 @@ SURFACE = {
         "backend_cases",
         "check_backend",
         "explore",
+        "missing_binaries",
         "schedules",
     ],
 }

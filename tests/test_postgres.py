@@ -1,7 +1,8 @@
 """The PostgreSQL backend beyond the contract: schema, sessions, URLs, two writers, restarts.
 
-Every test runs on a PostgreSQL server started for the session (``tests/_postgres.py``), on a
-schema of its own; the restart test starts a server of its own.
+Every test runs on a PostgreSQL server started for the session
+(``pachyderm.testing.PostgresServer``), on a schema of its own; the restart test starts a
+server of its own.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import pytest
 import pachyderm
 from pachyderm import backends
 from pachyderm.backends import Postgres, Write
+from pachyderm.testing import PostgresServer
 
-from ._postgres import PostgresServer
 from .conftest import PostgresSchemas
 
 

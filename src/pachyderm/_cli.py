@@ -125,10 +125,29 @@ def _parser() -> argparse.ArgumentParser:
     _add_ref(list_, key=False)
     list_.add_argument("--prefix", default="", help="only keys starting with this")
     _add_history(commands, common)
+    about = (
+        "show a cluster: its nodes, partitions, owners and epochs (and, with the cluster's "
+        "secret in $PACHYDERM_SECRET, each node's resident entities)"
+    )
+    status = commands.add_parser("status", parents=[common], help=about, description=about)
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.set_defaults(command=_run_status, parser=status)
     about = "create or migrate the backend's tables (PostgreSQL; SQLite does it when opened)"
     migrate = commands.add_parser("migrate", parents=[common], help=about, description=about)
     migrate.set_defaults(command=_run_migrate, parser=migrate)
     return parser
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    """``pachyderm status``: a cluster's nodes and partitions (see ``pachyderm._status``)."""
+    from . import _status
+
+    backend = backends.open(_url(args))
+    if not isinstance(backend, backends.Postgres):
+        raise UsageError("status shows a cluster: give a PostgreSQL --db (postgresql://...)")
+    result = asyncio.run(_status.gather(backend, args.world))
+    print(json.dumps(result, indent=2) if args.json else _status.render(result))
+    return 0
 
 
 def _run_migrate(args: argparse.Namespace) -> int:

@@ -328,6 +328,14 @@ class Postgres(Backend):
         rows = await self._fetch("release", world, node, parts, [held[p] for p in parts])
         return sorted(row[0] for row in rows)
 
+    async def nodes(self) -> tuple[int | None, list[tuple[str, str, str, float]]]:
+        """The world's partition count (None: no node ever joined) and every node row:
+        ``(id, address, types, seconds since its heartbeat)`` (for ``pachyderm status``)."""
+        _, world = self._open()
+        size = await self._fetch("cluster_of", world)
+        rows = await self._fetch("nodes", world)
+        return (size[0][0] if size else None), [(r[0], r[1], r[2], r[3]) for r in rows]
+
     async def leases(self) -> list[tuple[int, str | None, int, float]]:
         """Every partition row: ``(partition, owner, epoch, seconds left on its lease)``."""
         _, world = self._open()

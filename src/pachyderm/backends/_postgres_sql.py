@@ -232,6 +232,11 @@ _STATEMENTS: Final = {
         " WHERE pt.world = $1 AND pt.p = u.p AND pt.owner = $2 AND pt.epoch = u.epoch"
         " RETURNING pt.p"
     ),
+    "nodes": (
+        "SELECT id, address, types, extract(epoch FROM now() - heartbeat)::double precision"
+        " FROM {s}.nodes WHERE world = $1 ORDER BY id"
+    ),
+    "cluster_of": "SELECT partitions FROM {s}.clusters WHERE world = $1",
     "leases": (
         "SELECT p, owner, epoch, extract(epoch FROM lease_until - now())::double precision"
         " FROM {s}.partitions WHERE world = $1 ORDER BY p"

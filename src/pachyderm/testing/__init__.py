@@ -14,6 +14,10 @@ The backend contract: ``await check_backend(make_backend, reopen=...)`` runs the
 and raises ``ContractViolation`` naming the failing cases; ``backend_cases()`` lists the same
 cases as ``(name, run)`` pairs, for a test framework to parametrize over.
 
+``PostgresServer().start()`` runs a throwaway PostgreSQL server of one's own (``initdb`` and
+``pg_ctl`` in a temporary folder, on 127.0.0.1 only, as ``nobody`` when run as root), for tests
+and examples that need one; ``stop()`` removes it.
+
 Nothing here imports a test framework at import time.
 """
 
@@ -32,6 +36,8 @@ from ._explore import FinalWorld as FinalWorld
 from ._explore import Schedule as Schedule
 from ._explore import explore as explore
 from ._network import Faults as Faults
+from ._postgres import PostgresServer as PostgresServer
+from ._postgres import missing_binaries as missing_binaries
 from ._simulation import Pending as Pending
 from ._simulation import Recording as Recording
 from ._simulation import Simulation as Simulation
@@ -61,4 +67,7 @@ __all__ = [
     "CaseSkipped",
     "ContractViolation",
     "Reopen",
+    # a throwaway PostgreSQL server
+    "PostgresServer",
+    "missing_binaries",
 ]

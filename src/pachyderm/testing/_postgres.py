@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for the tests: our own, in a temporary folder, on loopback.
+"""A throwaway PostgreSQL server for tests and examples, in a temporary folder, on loopback.
 
 ``PostgresServer(folder).start()`` runs ``initdb`` and ``pg_ctl start`` on a free port of
 127.0.0.1 (no Unix socket outside the folder, trust authentication for loopback only), as an
@@ -66,7 +66,7 @@ class PostgresServer:
         ]
 
     def _run(self, *args: str, timeout: float = 60) -> None:
-        result = subprocess.run(
+        result = subprocess.run(  # noqa: S603 - our own programs, arguments we made
             self._as_owner(*args), capture_output=True, text=True, timeout=timeout, check=False
         )
         if result.returncode != 0:
@@ -74,7 +74,7 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         if os.geteuid() == 0:
-            os.chmod(self.folder, 0o755)
+            os.chmod(self.folder, 0o755)  # noqa: S103 - the server's user must enter it
             user = pwd.getpwnam(_USER)
             os.chown(self.folder, user.pw_uid, user.pw_gid)
         self._run(
