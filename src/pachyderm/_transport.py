@@ -170,7 +170,7 @@ def _error_body(exc: BaseException) -> list[str]:
 def _error_of(body: Any) -> PachydermError:
     if isinstance(body, list) and len(body) == 2 and all(isinstance(x, str) for x in body):
         cls: type[PachydermError] = _ERRORS.get(body[0], Unavailable)
-        return cls(f"(from the peer) {body[1]}")
+        return cls(body[1])  # the same text as on the node that raised it
     return Unavailable(f"the peer answered a malformed error: {body!r:.80}")
 
 
