@@ -5,7 +5,7 @@ world ``default`` on that schema and prints ``ready <address>``; then one task p
 keys ``k0``, ``k1``, ...) increments its counter, again and again, from this node (the call is
 forwarded when another node owns the key), and prints ``ack <key> <value> <time>`` for every
 acknowledged result, ``err <key> <error> <time>`` for every error. SIGTERM makes it leave the
-cluster cleanly (``closed`` then). Every line is flushed at once: a line printed was
+cluster cleanly (then ``closed name=count ...``: its node's counters). Every line is flushed at once: a line printed was
 acknowledged before any kill.
 """
 
@@ -81,7 +81,8 @@ async def main(dsn: str, schema: str, node_id: str, lease: float, keys: int, ver
             await asyncio.gather(*tasks)
         else:
             await stop.wait()
-    out("closed")
+        stats = world.statistics()["cluster"]["stats"]  # type: ignore[index]
+    out("closed", *(f"{k}={v}" for k, v in stats.items()))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,13 @@ class NodeProcess:
         self.proc.wait(timeout)
         self._close()
 
+    def closed_stats(self) -> dict[str, int]:
+        """The node's counters, from its ``closed`` line (empty if it did not close)."""
+        for words in self.lines:
+            if words[0] == "closed":
+                return {k: int(v) for k, _, v in (w.partition("=") for w in words[1:])}
+        return {}
+
     def acks(self) -> list[tuple[str, int, float]]:
         return [(w[1], int(w[2]), float(w[3])) for w in self.lines if w[0] == "ack"]
 

@@ -152,6 +152,9 @@ def test_a_node_paused_past_its_lease_cannot_commit_when_it_resumes(
     assert len(zombie.acks()) >= before
     late = [t for _, _, t in zombie.acks() if t > paused]
     assert late, "the resumed node never served again"
+    # On waking it found its leases gone: by its own clock (self-fenced) or by the database's.
+    stats = zombie.closed_stats()
+    assert stats["self_fenced"] + stats["lost"] >= 1, stats
 
 
 def test_a_clean_shutdown_hands_off_without_errors(

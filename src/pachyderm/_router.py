@@ -47,7 +47,7 @@ from ._errors import (
     Unavailable,
 )
 from ._eventsourced import Append
-from ._transport import ConnectionLost, Peer
+from ._transport import ConnectionLost, NoAnswer, Peer
 from .backends._base import Envelope
 
 if TYPE_CHECKING:
@@ -231,8 +231,8 @@ class Router:
                         self.stats["forwarded"] += 1
                         try:
                             # A margin over the owner's own deadline: its answer comes first.
-                            answer = await asyncio.wait_for(peer.call(kind, body), left + 1.0)
-                        except TimeoutError:
+                            answer = await peer.call(kind, body, timeout=left + 1.0)
+                        except NoAnswer:
                             if not retry_lost:
                                 raise Indeterminate(
                                     f"no answer from {owner} in time: the call may have run"
@@ -472,10 +472,8 @@ class Router:
                     batch = list(queue)[:256]
                     try:
                         peer = await self.peer(owner)
-                        await asyncio.wait_for(
-                            peer.call("deliver", [_wire(e) for e in batch]), 10.0
-                        )
-                    except (PachydermError, TimeoutError):
+                        await peer.call("deliver", [_wire(e) for e in batch], timeout=10.0)
+                    except PachydermError:
                         pass
                     else:
                         for _ in batch:

@@ -7,7 +7,6 @@ it), each live node is asked over the transport for its resident entities per pa
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -71,7 +70,7 @@ async def _ask(node_id: str, address: str, secret: str) -> Any:
     except (PachydermError, ValueError) as exc:
         return f"unreachable: {exc}"
     try:
-        answer = await asyncio.wait_for(peer.call("status", []), 5.0)
+        answer = await peer.call("status", [], timeout=5.0)
     except (PachydermError, TimeoutError) as exc:
         return f"no answer: {exc}"
     finally:
