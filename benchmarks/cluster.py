@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import statistics
 import sys
@@ -31,13 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import msgspec  # noqa: E402
+from tests._cluster_node import SECRET, Counter  # noqa: E402
+from tests._nodes import NodeProcess, check_history, wait_until  # noqa: E402
 
 import pachyderm  # noqa: E402
 from pachyderm import backends  # noqa: E402
 from pachyderm._core._partitions import partition_of  # noqa: E402
 from pachyderm.testing import PostgresServer  # noqa: E402
-from tests._cluster_node import SECRET, Counter  # noqa: E402
-from tests._nodes import NodeProcess, check_history, wait_until  # noqa: E402
 
 PARTITIONS = 32  # as tests/_cluster_node.py sets
 
@@ -50,7 +51,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def _calls(
     world: pachyderm.World, keys: list[str], callers: int, seconds: float
 ) -> tuple[float, float, float]:
-    """``callers`` concurrent loops of ``activate`` over ``keys`` for ``seconds``: rate, p50, p99."""
+    """``callers`` loops of ``activate`` over ``keys`` for ``seconds``: rate, p50 and p99."""
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
 
@@ -192,11 +193,12 @@ def takeover(server: PostgresServer, kills: int, lease: float, keys: int) -> Non
             victim.kill()
             survivors = [n for n in alive if n is not victim]
 
-            def served() -> bool:
+            def served(survivors: list[NodeProcess], killed: float, theirs: set[str]) -> bool:
                 late = {k for n in survivors for k, _, t in n.acks() if t > killed}
                 return theirs <= late
 
-            if not wait_until(served, 10 * lease, step=0.01):
+            check = functools.partial(served, survivors, killed, theirs)
+            if not wait_until(check, 10 * lease, step=0.01):
                 raise SystemExit(f"kill {kill + 1}: not taken over within {10 * lease} s")
             first = {}
             for n in survivors:

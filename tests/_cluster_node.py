@@ -4,9 +4,9 @@
 world ``default`` on that schema and prints ``ready <address>``; then one task per key (``KEYS``
 keys ``k0``, ``k1``, ...) increments its counter, again and again, from this node (the call is
 forwarded when another node owns the key), and prints ``ack <key> <value> <time>`` for every
-acknowledged result, ``err <key> <error> <time>`` for every error. SIGTERM makes it leave the
-cluster cleanly (then ``closed name=count ...``: its node's counters). Every line is flushed at once: a line printed was
-acknowledged before any kill.
+acknowledged result, ``err <key> <error> <time>`` for every error. SIGTERM makes it leave
+the cluster cleanly (then ``closed name=count ...``: its node's counters). Every line is
+flushed at once: a line printed was acknowledged before any kill.
 """
 
 from __future__ import annotations
