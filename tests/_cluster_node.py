@@ -43,6 +43,12 @@ class CounterV2(Counter):
         return state
 
 
+def dump() -> None:
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=6, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def out(*words: object) -> None:
     sys.stdout.write(" ".join(str(w) for w in words) + "\n")
     sys.stdout.flush()
@@ -71,7 +77,9 @@ async def main(dsn: str, schema: str, node_id: str, lease: float, keys: int, ver
         partitions=32,
     )
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump)  # what every task waits for, on stderr
     async with world:
         assert world._node is not None
         out("ready", world._node.address)

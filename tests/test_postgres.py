@@ -124,7 +124,7 @@ async def test_every_session_sets_keepalives_and_timeouts(postgres: PostgresSche
         "tcp_keepalives_interval": "5",
         "tcp_keepalives_count": "3",
         "tcp_user_timeout": "20000",
-        "idle_in_transaction_session_timeout": "1min",
+        "idle_in_transaction_session_timeout": "5s",
     }
 
 

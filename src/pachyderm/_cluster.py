@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from ._core._partitions import fair_share, partition_of
-from ._errors import InvalidOptions, PachydermError
+from ._errors import InvalidOptions, PachydermError, Unavailable
 from ._router import Moved, Router
 from ._transport import Server
 from .backends._base import Fence
@@ -223,10 +223,17 @@ class Node:
         before = set(self.members)
         self.members = {id: (address, _types(raw)) for id, address, raw in members}
         share = set(self._share())
-        want = sorted((share | set(self.held)) - self.moving)
+        # Renew first, on its own: a claim may wait for a lease row that a paused owner's
+        # commit still locks (until the database ends that transaction), and our own leases
+        # must not wait with it.
         sent = self.clock.monotonic()
-        got = await backend.claim(self.id, want, self.lease) if want else {}
+        got = await backend.renew(self.id, self.held, self.lease) if self.held else {}
         self.valid_until = sent + self.lease - self.margin
+        want = sorted(share - set(self.held))
+        if want:
+            with contextlib.suppress(Unavailable):  # (a row still locked: at the next tick)
+                taken = await backend.claim(self.id, want, self.lease, timeout=self.every)
+                got.update((p, e) for p, e in taken.items() if p not in self.held)
         lost = [p for p, epoch in self.held.items() if got.get(p) != epoch and p not in self.moving]
         if lost:
             self.stats["lost"] += len(lost)

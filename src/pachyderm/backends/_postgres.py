@@ -50,12 +50,25 @@ SESSION_SETTINGS: Final = {
     "tcp_keepalives_interval": "5",
     "tcp_keepalives_count": "3",
     "tcp_user_timeout": "20000",
-    "idle_in_transaction_session_timeout": "60000",
+    # Our transactions never wait for anything but the database: one idle this long belongs
+    # to a node that is paused or cut off, and its locks must not hold a takeover back.
+    "idle_in_transaction_session_timeout": "5000",
     "application_name": "pachyderm",
 }
 _FIRST: Final = (0.0, "", "", 0, 0)
 _MAX_INT: Final = 2**63 - 1
 _CHUNK: Final = 10_000
+
+
+def _failures(asyncpg: Any) -> tuple[type[BaseException], ...]:
+    """The errors that mean "the database could not do it" (a connection, a server, a timeout)."""
+    return (
+        TimeoutError,
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.InternalClientError,  # a connection broken mid-operation
+    )
 
 
 def _asyncpg() -> Any:
@@ -99,6 +112,7 @@ class Postgres(Backend):
         max_size: int = 8,
         migrate: bool = True,
         connect_timeout: float = 10.0,
+        command_timeout: float = 15.0,
     ) -> None:
         if not isinstance(dsn, str) or not dsn:
             raise InvalidOptions("Postgres needs a DSN: postgresql://user@host:port/database")
@@ -118,6 +132,9 @@ class Postgres(Backend):
         self._min, self._max = min_size, max_size
         self._migrate = bool(migrate)
         self._timeout = connect_timeout
+        if not (isinstance(command_timeout, int | float) and command_timeout > 0):
+            raise InvalidOptions(f"command_timeout is seconds > 0; got {command_timeout!r}")
+        self._command_timeout = float(command_timeout)
         self._pool: Any = None
         self._world: str | None = None
         self._counts = {"messages": 0, "timers": 0, "dead": 0}
@@ -140,6 +157,7 @@ class Postgres(Backend):
                 min_size=self._min,
                 max_size=self._max,
                 timeout=self._timeout,
+                command_timeout=self._command_timeout,
                 server_settings=SESSION_SETTINGS,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as e:
@@ -260,9 +278,7 @@ class Postgres(Backend):
         if at_commit:  # whatever it is: COMMIT was sent, or may have been
             self._recount = True
             return Indeterminate(f"PostgreSQL COMMIT failed, the outcome is unknown: {error}")
-        expected = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    asyncpg.exceptions.InternalClientError)  # fmt: skip
-        if isinstance(error, expected):
+        if isinstance(error, _failures(asyncpg)):
             return Unavailable(f"PostgreSQL could not commit, nothing was written: {error}")
         if isinstance(error, Exception):
             return error  # not the database's: a bug, or a value it cannot take (TypeError)
@@ -271,8 +287,8 @@ class Postgres(Backend):
     # ------------------------------------------------------------------ the cluster's rows
     #
     # Membership and partition leases, in the database's time (the nodes' clocks never decide
-    # who owns a partition). The node runtime that uses them arrives with the cluster; each call
-    # is one statement, in its own transaction.
+    # who owns a partition), used by the nodes of a cluster (``_cluster.py``); each call is one
+    # statement, in its own transaction.
 
     async def cluster_size(self, partitions: int) -> int:
         """The world's number of partitions: ``partitions`` if it is the first to say, else
@@ -302,14 +318,19 @@ class Postgres(Backend):
         rows = await self._fetch("members", world, float(alive_within))
         return [(row[0], row[1], row[2]) for row in rows]
 
-    async def claim(self, node: str, partitions: Sequence[int], lease: float) -> dict[int, int]:
+    async def claim(
+        self, node: str, partitions: Sequence[int], lease: float, *, timeout: float | None = None
+    ) -> dict[int, int]:
         """Take the partitions that are free or expired (epoch + 1), and extend ``node``'s own.
 
         Returns ``{partition: epoch}`` of those ``node`` holds now, for ``lease`` seconds of the
-        database's clock from the statement.
+        database's clock from the statement. ``timeout``: give up (``Unavailable``) rather
+        than wait longer for a lease row that a commit of the old owner still locks.
         """
         _, world = self._open()
-        rows = await self._fetch("claim", world, node, sorted(set(partitions)), float(lease))
+        rows = await self._fetch(
+            "claim", world, node, sorted(set(partitions)), float(lease), timeout=timeout
+        )
         return {row[0]: row[1] for row in rows}
 
     async def renew(self, node: str, held: dict[int, int], lease: float) -> dict[int, int]:
@@ -343,12 +364,12 @@ class Postgres(Backend):
 
     # ------------------------------------------------------------------ reads
 
-    async def _fetch(self, name: str, *args: Any) -> list[Any]:
+    async def _fetch(self, name: str, *args: Any, timeout: float | None = None) -> list[Any]:
         pool, _ = self._open()
         asyncpg = _asyncpg()
         try:
-            return list(await pool.fetch(self._sql[name], *args))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            return list(await pool.fetch(self._sql[name], *args, timeout=timeout))
+        except _failures(asyncpg) as e:
             raise Unavailable(f"PostgreSQL could not read: {e}") from e
 
     async def load_many(self, refs: Sequence[tuple[str, str]]) -> list[Stored | None]:
@@ -386,7 +407,7 @@ class Postgres(Backend):
         asyncpg = _asyncpg()
         try:
             status = await pool.execute(self._sql["prune"], world, float(before))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except _failures(asyncpg) as e:
             raise Unavailable(f"PostgreSQL could not prune receipts: {e}") from e
         return int(status.split()[-1])
 
@@ -509,5 +530,5 @@ async def _migrate(conn: Any, schema: str) -> None:
         except asyncpg.exceptions.UniqueViolationError:
             if attempt == 2:  # another process made the schema at the same moment: again
                 raise
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except _failures(asyncpg) as e:
             raise Unavailable(f"cannot migrate the PostgreSQL schema {schema!r}: {e}") from e
