@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -440,3 +441,39 @@ async def test_cluster_options_are_checked(postgres_server: PostgresServer) -> N
         )
         with pytest.raises(pachyderm.InvalidOptions, match="partitions"):
             await other.start()
+
+
+async def test_pachyderm_status_shows_nodes_partitions_owners_and_residents(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pachyderm._cli import main
+
+    a = await cluster.node("a")
+    await cluster.node("b")
+    await cluster.settle(2)
+    for i in range(6):
+        await a.activate((Counter, f"k{i}"), "inc")
+    url = f"{cluster.server.dsn}?schema={cluster.schema}"
+    monkeypatch.setenv("PACHYDERM_SECRET", SECRET)
+    assert await asyncio.to_thread(main, ["status", "--db", url, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["partitions"] == 16
+    assert [n["node"] for n in status["nodes"]] == ["a", "b"]
+    owned = {n["node"]: set(n["partitions"]) for n in status["nodes"]}
+    assert owned["a"] | owned["b"] == set(range(16))
+    assert not owned["a"] & owned["b"]
+    leases = {row["partition"]: row for row in status["leases"]}
+    for node in ("a", "b"):
+        for p in owned[node]:
+            assert leases[p]["owner"] == node
+            assert leases[p]["epoch"] >= 1
+    residents = sum(int(n) for node in status["nodes"] for n in node["resident"].values())
+    assert residents == 6
+    monkeypatch.delenv("PACHYDERM_SECRET")
+    assert await asyncio.to_thread(main, ["status", "--db", url]) == 0
+    text = capsys.readouterr().out
+    assert "world 'default': 16 partitions" in text
+    assert "2 nodes:" in text
+    assert "resident" not in text  # no secret: nothing asked of the nodes
+    with pytest.raises(SystemExit):  # a usage error: status is for PostgreSQL
+        main(["status", "--db", "memory://"])

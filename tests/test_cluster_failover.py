@@ -189,9 +189,7 @@ def test_postgres_restarted_under_load_the_nodes_recover(
         late = {key for node in nodes for key, _, t in node.acks() if t > restarted + 0.5}
         return len(late) == KEYS
 
-    assert wait_until(serving, 30), [
-        (n.node_id, n.lines[-3:], n.stderr[-1500:]) for n in nodes
-    ]
+    assert wait_until(serving, 30), [(n.node_id, n.lines[-3:], n.stderr[-1500:]) for n in nodes]
     for node in nodes:
         node.stop()
     check_history(nodes, stored(postgres_server.dsn, schema))

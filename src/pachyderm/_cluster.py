@@ -145,7 +145,9 @@ class Node:
     def lost_signal(self, p: int) -> asyncio.Future[None]:
         """A future set when partition ``p`` stops being served here."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._lost.setdefault(p, []).append(future)
+        waiting = self._lost.setdefault(p, [])
+        waiting[:] = [f for f in waiting if not f.done()]  # relays cancel theirs when they move
+        waiting.append(future)
         return future
 
     # ------------------------------------------------------------------ life
@@ -222,6 +224,7 @@ class Node:
         members = await backend.members(self.lease)
         before = set(self.members)
         self.members = {id: (address, _types(raw)) for id, address, raw in members}
+        await self.router.forget_peers(set(self.members))
         share = set(self._share())
         # Renew first, on its own: a claim may wait for a lease row that a paused owner's
         # commit still locks (until the database ends that transaction), and our own leases

@@ -158,6 +158,12 @@ class Router:
             self.peers[node_id] = peer
             return peer
 
+    async def forget_peers(self, members: set[str]) -> None:
+        """Close the connections to nodes that are no longer members."""
+        for node_id in [n for n in self.peers if n not in members]:
+            await self.peers.pop(node_id).close()
+            self._locks.pop(node_id, None)
+
     async def close(self) -> None:
         self.closed = True
         for task in [*self.relays.values(), *self._senders.values()]:
