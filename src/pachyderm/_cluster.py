@@ -32,7 +32,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from ._core._partitions import fair_share, partition_of
@@ -104,7 +104,7 @@ class Node:
         self.router = Router(self, secret)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
-        self._handoffs: set[asyncio.Task[None]] = set()
+        self._handoffs: set[asyncio.Task[None]] = set()  # hand-offs and recoveries running
         self._refreshed = -math.inf
         self._lost: dict[int, list[asyncio.Future[None]]] = {}
         self.stats = {"ticks": 0, "claimed": 0, "released": 0, "lost": 0, "self_fenced": 0}
@@ -177,11 +177,7 @@ class Node:
         Calls accepted before are answered first (the hand-off drains them). Cancellation
         leaves the leases to expire (others take over after ``lease``).
         """
-        self.leaving = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        self.leaving = True  # the loop goes on renewing what is not handed off yet
         with contextlib.suppress(PachydermError):
             await self.backend.leave(self.id)
         for task in list(self._handoffs):
@@ -189,6 +185,10 @@ class Node:
                 await task
         if self.held:
             await self._handoff(list(self.held))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
         await self.router.close()
         await self.server.close()
 
@@ -199,7 +199,7 @@ class Node:
 
     async def _loop(self) -> None:
         assert self._wake is not None
-        while not self.leaving:
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.every)
             self._wake.clear()
@@ -215,49 +215,61 @@ class Node:
                 self._lose(list(self.held))
 
     async def tick(self) -> None:
-        """One round: membership, then claim our share and extend what we hold, in one statement."""
-        if self.leaving:
-            return
+        """One round: membership, then renew what we hold, then claim the rest of our share.
+
+        Each statement is bounded by ``lease / 5`` (at least 1 s): a slow database makes the
+        tick fail (the node self-fences if that lasts), never hang. A leaving node only renews
+        (its partitions are being handed off).
+        """
         self.stats["ticks"] += 1
         backend = self.backend
-        await backend.join(self.id, self.address, json.dumps(self.types, sort_keys=True))
-        members = await backend.members(self.lease)
+        bound = max(self.every, 1.0)
         before = set(self.members)
-        self.members = {id: (address, _types(raw)) for id, address, raw in members}
-        await self.router.forget_peers(set(self.members))
-        share = set(self._share())
+        if not self.leaving:
+            types = json.dumps(self.types, sort_keys=True)
+            await backend.join(self.id, self.address, types, timeout=bound)
+            members = await backend.members(self.lease, timeout=bound)
+            self.members = {id: (address, _types(raw)) for id, address, raw in members}
+            await self.router.forget_peers(set(self.members))
+        share = set() if self.leaving else set(self._share())
         # Renew first, on its own: a claim may wait for a lease row that a paused owner's
         # commit still locks (until the database ends that transaction), and our own leases
         # must not wait with it.
         sent = self.clock.monotonic()
-        got = await backend.renew(self.id, self.held, self.lease) if self.held else {}
+        held = dict(self.held)
+        got = await backend.renew(self.id, held, self.lease, timeout=bound) if held else {}
         self.valid_until = sent + self.lease - self.margin
         want = sorted(share - set(self.held))
+        taken: dict[int, int] = {}
         if want:
             with contextlib.suppress(Unavailable):  # (a row still locked: at the next tick)
-                taken = await backend.claim(self.id, want, self.lease, timeout=self.every)
-                got.update((p, e) for p, e in taken.items() if p not in self.held)
-        lost = [p for p, epoch in self.held.items() if got.get(p) != epoch and p not in self.moving]
+                taken = await backend.claim(self.id, want, self.lease, timeout=bound)
+        lost = [p for p, epoch in held.items() if got.get(p) != epoch and self.held.get(p) == epoch]
         if lost:
             self.stats["lost"] += len(lost)
             log.warning("node %s lost partitions %s", self.id, _ranges(lost))
             self._lose(lost)
-        new = sorted(p for p in got if p not in self.held)
+        new = sorted(p for p in taken if p not in self.held)
         for p in new:
-            self.held[p] = got[p]
-            self.fences[p] = Fence(self.id, p, got[p])
+            self.held[p] = taken[p]
+            self.fences[p] = Fence(self.id, p, taken[p])
             self.recovering.add(p)
+        if self.leaving:
+            return
         await self.refresh(force=True)
-        if new:
+        if new:  # read their stored rows, on the side: the next ticks must not wait for it
             self.stats["claimed"] += len(new)
-            await self._recover(new)
+            self._spawn(self._recover(new))
         give = [p for p in self.held if p not in share and p not in self.moving]
         if give:
-            task = asyncio.get_running_loop().create_task(self._handoff(give))
-            self._handoffs.add(task)
-            task.add_done_callback(self._handoffs.discard)
+            self._spawn(self._handoff(give))
         if set(self.members) - before:
             self.engine.dispatcher.sweep_soon()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._handoffs.add(task)
+        task.add_done_callback(self._handoffs.discard)
 
     def _share(self) -> list[int]:
         """Our fair share among the members that can run every entity type in the cluster.

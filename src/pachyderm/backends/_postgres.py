@@ -299,10 +299,12 @@ class Postgres(Backend):
         rows = await self._fetch("cluster", world, partitions)
         return int(rows[0][0])
 
-    async def join(self, node: str, address: str, types: str) -> None:
+    async def join(
+        self, node: str, address: str, types: str, *, timeout: float | None = None
+    ) -> None:
         """Register (or refresh) a member: its id, where it listens, its entity types."""
         _, world = self._open()
-        await self._fetch("join", world, node, address, types)
+        await self._fetch("join", world, node, address, types, timeout=timeout)
 
     async def heartbeat(self, node: str) -> None:
         _, world = self._open()
@@ -312,10 +314,12 @@ class Postgres(Backend):
         _, world = self._open()
         await self._fetch("leave", world, node)
 
-    async def members(self, alive_within: float) -> list[tuple[str, str, str]]:
+    async def members(
+        self, alive_within: float, *, timeout: float | None = None
+    ) -> list[tuple[str, str, str]]:
         """``(id, address, types)`` of the members heard from within ``alive_within`` seconds."""
         _, world = self._open()
-        rows = await self._fetch("members", world, float(alive_within))
+        rows = await self._fetch("members", world, float(alive_within), timeout=timeout)
         return [(row[0], row[1], row[2]) for row in rows]
 
     async def claim(
@@ -333,12 +337,14 @@ class Postgres(Backend):
         )
         return {row[0]: row[1] for row in rows}
 
-    async def renew(self, node: str, held: dict[int, int], lease: float) -> dict[int, int]:
+    async def renew(
+        self, node: str, held: dict[int, int], lease: float, *, timeout: float | None = None
+    ) -> dict[int, int]:
         """Extend the leases ``node`` still holds at those epochs (and not expired); return them."""
         _, world = self._open()
         parts = sorted(held)
         rows = await self._fetch(
-            "renew", world, node, float(lease), parts, [held[p] for p in parts]
+            "renew", world, node, float(lease), parts, [held[p] for p in parts], timeout=timeout
         )
         return {row[0]: row[1] for row in rows}
 
@@ -357,10 +363,13 @@ class Postgres(Backend):
         rows = await self._fetch("nodes", world)
         return (size[0][0] if size else None), [(r[0], r[1], r[2], r[3]) for r in rows]
 
-    async def leases(self) -> list[tuple[int, str | None, int, float]]:
+    async def leases(
+        self, *, timeout: float | None = None
+    ) -> list[tuple[int, str | None, int, float]]:
         """Every partition row: ``(partition, owner, epoch, seconds left on its lease)``."""
         _, world = self._open()
-        return [(r[0], r[1], r[2], r[3]) for r in await self._fetch("leases", world)]
+        rows = await self._fetch("leases", world, timeout=timeout)
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     # ------------------------------------------------------------------ reads
 
