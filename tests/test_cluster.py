@@ -477,3 +477,84 @@ async def test_pachyderm_status_shows_nodes_partitions_owners_and_residents(
     assert "resident" not in text  # no secret: nothing asked of the nodes
     with pytest.raises(SystemExit):  # a usage error: status is for PostgreSQL
         main(["status", "--db", "memory://"])
+
+
+async def crash(world: pachyderm.World) -> None:
+    """Stop a node as a kill would: no hand-off, no release, no goodbye (its leases expire)."""
+    node = world._node
+    assert node is not None
+    tasks = [node._task, *node._handoffs, *world._engine._tasks, *world._engine.commits]
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+    await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+    await node.router.close()
+    await node.server.close()
+    world._closed = True
+    world._serving = False
+    await world.backend.aclose()
+
+
+async def test_after_a_crash_the_outbox_and_timers_of_the_dead_node_go_on(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.node("a")
+    b = await cluster.node("b")
+    await cluster.settle(2)
+    na = a._node
+    assert na is not None
+    mine = [k for k in (f"x{i}" for i in range(300)) if na.serving(na.partition("Sender", k))]
+    ledger = next(k for k in (f"y{i}" for i in range(300)) if na.serving(na.partition("Ledger", k)))
+    later = next(k for k in (f"z{i}" for i in range(300)) if na.serving(na.partition("Ledger", k)))
+    # Messages and a timer committed on a, for entities of a's partitions; then a dies
+    # before (or while) delivering them.
+    a._engine.dispatcher.closing = True  # it delivers nothing more: the rows stay in storage
+    for sender in mine[:3]:
+        await a.activate((Sender, sender), [ledger, 10])
+    await a.activate((Sender, mine[0]), ["later", later])
+    await crash(a)
+    cluster.worlds.remove(a)
+    await cluster.settle(1, timeout=10 * LEASE)
+
+    async def complete() -> bool:
+        return len(await b.read((Ledger, ledger))) == 30 and await b.read((Ledger, later)) == [
+            "ding"
+        ]
+
+    async with asyncio.timeout(15):
+        while not await complete():
+            await asyncio.sleep(0.05)
+    entries = await b.read((Ledger, ledger))
+    for sender in mine[:3]:
+        assert [i for s, i in entries if s == sender] == list(range(10))  # once each, in order
+
+
+async def test_a_node_that_wrongly_believes_it_owns_a_partition_cannot_commit(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.node("a")
+    b = await cluster.node("b")
+    await cluster.settle(2)
+    na, nb = a._node, b._node
+    assert na is not None
+    assert nb is not None
+    key = keys_on(a, 1)[0]
+    p = na.partition("Counter", key)
+    assert await a.activate((Counter, key), "inc") == 1
+    # a stops renewing (a pause), but its clock says its leases are good: the worst zombie.
+    assert na._task is not None
+    na._task.cancel()
+    na.valid_until = float("inf")
+    await a.backend.leave("a")  # type: ignore[attr-defined]
+
+    def b_took_it() -> bool:
+        return nb.serving(p)
+
+    await until(b_took_it, 10 * LEASE)
+    assert na.serving(p)  # a still believes it
+    # a's write carries its old fence: the database refuses it, a learns that it lost the
+    # partition, and the call goes to b, which commits on the stored state.
+    assert await a.activate((Counter, key), "inc", timeout=5) == 2
+    assert a.statistics()["fenced"] == 1
+    assert not na.serving(p)
+    assert await b.read((Counter, key)) == 2

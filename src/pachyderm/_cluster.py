@@ -137,6 +137,13 @@ class Node:
     def still_holds(self, fence: Fence) -> bool:
         return self.held.get(fence.partition) == fence.epoch and self.live()
 
+    def lease_gone(self, fence: Fence) -> None:
+        """The database refused a write of ours for this lease: the partition is not ours."""
+        if self.held.get(fence.partition) == fence.epoch:
+            self.stats["lost"] += 1
+            log.warning("node %s lost partition %s (a write was fenced)", self.id, fence.partition)
+            self._lose([fence.partition])
+
     def owner_of(self, p: int) -> str | None:
         """The node that holds ``p`` by the last read of the leases (None: nobody, or expired)."""
         owner = self.owners.get(p)
@@ -263,7 +270,7 @@ class Node:
         give = [p for p in self.held if p not in share and p not in self.moving]
         if give:
             self._spawn(self._handoff(give))
-        if set(self.members) - before:
+        if set(self.members) != before:  # a sender may have died before forwarding
             self.engine.dispatcher.sweep_soon()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

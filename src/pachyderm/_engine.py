@@ -84,6 +84,7 @@ class Engine:
             "conflicts": 0,
             "loads": 0,
             "passivated": 0,
+            "fenced": 0,  # writes refused because this node's partition lease was gone
         }
         self.ready: deque[Resident] = deque()
         self.to_load: dict[tuple[str, str], Resident] = {}
@@ -103,6 +104,7 @@ class Engine:
         #: None if this node must not write it; and whether a lease is still this node's.
         self.fence_of: Callable[[str, str], Fence | None] | None = None
         self.still_holds: Callable[[Fence], bool] | None = None
+        self.lease_gone: Callable[[Fence], None] | None = None
 
     def start(self) -> None:
         self.loop = loop = asyncio.get_running_loop()
@@ -283,6 +285,7 @@ class Engine:
                 write.receipts = self._receipts(pending) if resident.idempotent else ()
                 write.outbox = outbox
                 write.fence = fence
+                write.fenced = False
                 if info.events is None:
                     write.events = None
                     write.snapshot = False
@@ -560,7 +563,10 @@ class Engine:
         for write, resident, won in zip(writes, owners, outcome, strict=True):
             if not won:
                 fence = write.fence
-                if fence is not None and not self.still_holds(fence):  # type: ignore[misc]
+                if fence is not None and (write.fenced or not self.still_holds(fence)):  # type: ignore[misc]
+                    self.stats["fenced"] += 1
+                    if write.fenced and self.lease_gone is not None:
+                        self.lease_gone(fence)  # the database says so: stop serving it now
                     self.disown(resident, _moved(), lost=True)  # fenced: the partition moved
                     continue
                 self.stats["conflicts"] += 1

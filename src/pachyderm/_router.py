@@ -353,7 +353,9 @@ class Router:
                     try:
                         channel, _ = await world._subscribe_local(ref, last)
                     except Unavailable:
+                        lost.cancel()
                         await asyncio.sleep(delay)
+                        delay = min(delay * 2, 1.0)
                         continue
                     try:
                         while not out.closed:

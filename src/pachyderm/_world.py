@@ -139,6 +139,7 @@ class World:
         if node is not None:
             engine, router = self._engine, node.router
             engine.fence_of, engine.still_holds = node.fence_of, node.still_holds
+            engine.lease_gone = node.lease_gone
             engine.dispatcher.remote = router.route_delivery
             engine.dispatcher.mine = lambda ref: node.partition(*ref) in node.held
         try:

@@ -169,6 +169,10 @@ class Write:
     snapshot, with ``type_version``), else it keeps the snapshot it had (none for a new row). The
     writes of one entity are all event writes (or checks) or all state writes: its type decides,
     and mixing them is not defined.
+
+    A write with a ``fence`` (a cluster) also loses unless that partition lease holds; a backend
+    that checks fences sets ``fenced`` on a write that lost for that reason, so that its node
+    learns from the database itself that the lease is gone.
     """
 
     type_name: str
@@ -182,6 +186,7 @@ class Write:
     events: tuple[bytes, ...] | None = None
     snapshot: bool = False
     fence: Fence | None = None
+    fenced: bool = False
 
 
 class Backend(abc.ABC):

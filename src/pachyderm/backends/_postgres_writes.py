@@ -220,6 +220,7 @@ async def decide_one(batch: Batch, write: Write) -> bool:
     if outbox is not None and len({c.id for c in outbox.consumes}) < len(outbox.consumes):
         return False  # a write naming a row twice loses
     if batch.fenced_out(write):
+        write.fenced = True
         return False  # its node does not hold its partition's lease (any more)
     savepoint = batch.conn.transaction()
     await savepoint.start()
