@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import pachyderm
-from pachyderm._transport import Peer, Server
+from pachyderm._transport import ConnectionLost, NoAnswer, Peer, Server
 
 SECRET = "a cluster secret of 32 bytes...."
 
@@ -156,3 +156,47 @@ async def test_a_closed_server_fails_its_callers_at_once() -> None:
     await peer.close()
     with pytest.raises(pachyderm.Unavailable, match="cannot connect"):
         await Peer.connect("127.0.0.1", port, SECRET, "n1", timeout=2)
+
+
+async def test_a_closing_server_answers_what_was_sent_and_takes_nothing_new() -> None:
+    server, port = await _server()
+    peer = await Peer.connect("127.0.0.1", port, SECRET, "n1")
+    try:
+        slow = asyncio.ensure_future(peer.call("sleep", 0.3))
+        await asyncio.sleep(0.05)  # the request is running on the server
+        closing = asyncio.ensure_future(server.close(grace=5.0))
+        assert await slow == 0.3  # answered, not cut off
+        with pytest.raises(pachyderm.Unavailable) as refused:
+            await peer.call("echo", 1)  # after the goodbye: not sent at all
+        assert not isinstance(refused.value, ConnectionLost)
+        await asyncio.wait_for(closing, 5)  # the client closed its side: no need to wait more
+        assert peer.closed
+    finally:
+        await peer.close()
+        await server.close()
+
+
+async def test_requests_cut_off_by_a_lost_connection_say_so() -> None:
+    server, port = await _server()
+    peer = await Peer.connect("127.0.0.1", port, SECRET, "n1")
+    try:
+        slow = asyncio.ensure_future(peer.call("sleep", 5.0))
+        await asyncio.sleep(0.05)
+        await server.close(grace=0.1)  # it could not answer in time
+        with pytest.raises(ConnectionLost):
+            await slow
+    finally:
+        await peer.close()
+        await server.close()
+
+
+async def test_a_request_without_an_answer_in_time_gets_no_answer() -> None:
+    server, port = await _server()
+    peer = await Peer.connect("127.0.0.1", port, SECRET, "n1")
+    try:
+        with pytest.raises(NoAnswer):  # a Timeout: it may still run there
+            await peer.call("sleep", 1.0, timeout=0.2)
+        assert await peer.call("echo", 2) == 2  # the connection is still good
+    finally:
+        await peer.close()
+        await server.close()

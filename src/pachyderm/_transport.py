@@ -45,6 +45,8 @@ _NONCE: Final = 32
 _MAC: Final = 16
 _MAGIC: Final = b"pachyderm-transport-1"
 _HANDSHAKE_TIMEOUT: Final = 10.0
+#: The server's goodbye: no more requests on this connection (answers still come).
+_BYE: Final = [0, "bye", None]
 #: ``handler(kind, body)`` answers one request; it raises a ``PachydermError`` to refuse it.
 Handler = Callable[[str, Any], Awaitable[Any]]
 
@@ -205,9 +207,11 @@ def _error_of(body: Any) -> PachydermError:
 class Server:
     """Accepts authenticated connections and answers their requests with ``handler``.
 
-    Binds to loopback unless told otherwise. ``close()`` stops listening and drops connections.
-    Mutable state: ``connections`` (the open ones) and ``refused`` (connections closed for a bad
-    handshake or frame), on the event loop.
+    Binds to loopback unless told otherwise. ``close()`` stops listening, says goodbye on every
+    connection (its client sends no more requests there, and closes it once the ones sent are
+    answered), waits for that, then drops what is left. Mutable state: ``connections`` (the
+    open ones), ``_framings`` (those past the handshake) and ``refused`` (connections closed
+    for a bad handshake or frame), on the event loop.
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class Server:
         self.max_frame = max_frame
         self.max_in_flight = max_in_flight
         self.connections: set[asyncio.Task[None]] = set()
+        self._framings: dict[asyncio.Task[None], _Framing] = {}
         self.refused = 0
         self._server: asyncio.base_events.Server | None = None
 
@@ -232,9 +237,17 @@ class Server:
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop serving. A request whose answer could not be sent within ``grace`` seconds is
+        dropped (its client sees ``ConnectionLost``)."""
         if self._server is not None:
             self._server.close()
+        for framing in list(self._framings.values()):
+            with contextlib.suppress(Exception):
+                framing.write(_BYE)
+                framing.flush()
+        if self.connections:
+            await asyncio.wait(set(self.connections), timeout=grace)
         for task in list(self.connections):
             task.cancel()
         for task in list(self.connections):
@@ -251,6 +264,7 @@ class Server:
         framing = _Framing(reader, writer, self.max_frame)
         try:
             peer = await asyncio.wait_for(self._handshake(framing), _HANDSHAKE_TIMEOUT)
+            self._framings[task] = framing
             await self._serve(framing, peer)
         except _Left:
             pass
@@ -261,6 +275,7 @@ class Server:
             pass  # the server closes: this connection ends here
         finally:
             self.connections.discard(task)
+            self._framings.pop(task, None)
             await framing.close()
 
     async def _handshake(self, framing: _Framing) -> str:
@@ -339,6 +354,7 @@ class Peer:
         self._watchdog: asyncio.Task[None] | None = None
         self._next = 0
         self.closed = False
+        self._bye = False  # the server said goodbye
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -431,12 +447,17 @@ class Peer:
                 if not (isinstance(message, list) and len(message) == 3):
                     raise _Closed("a malformed answer")
                 id, ok, body = message
-                future = self._waiting.get(id)
-                if future is not None and not future.done():
-                    if ok:
-                        future.set_result(body)
-                    else:
-                        future.set_exception(_error_of(body))
+                if id == 0 and ok == "bye":  # the server closes: send nothing more here
+                    self.closed = self._bye = True
+                else:
+                    future = self._waiting.get(id)
+                    if future is not None and not future.done():
+                        if ok:
+                            future.set_result(body)
+                        else:
+                            future.set_exception(_error_of(body))
+                if self._bye and all(f.done() for f in self._waiting.values()):
+                    return  # every request sent here is answered: close our side
         except _Closed as exc:
             error = ConnectionLost(f"the connection to {self.node} closed: {exc}")
         finally:

@@ -296,8 +296,13 @@ class Postgres(Backend):
         _, world = self._open()
         if type(partitions) is not int or not 1 <= partitions <= 65_536:
             raise InvalidOptions(f"partitions is an int from 1 to 65536; got {partitions!r}")
-        rows = await self._fetch("cluster", world, partitions)
-        return int(rows[0][0])
+        for _ in range(3):
+            rows = await self._fetch("cluster", world, partitions)
+            if rows:
+                return int(rows[0][0])
+            # Another node's first row was being inserted: the statement waited for it, and
+            # its snapshot, taken before, does not see it. The next one does.
+        raise Unavailable("could not read the cluster's number of partitions")
 
     async def join(
         self, node: str, address: str, types: str, *, timeout: float | None = None
