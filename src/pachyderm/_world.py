@@ -227,7 +227,18 @@ class World:
             info, key = self._registry.resolve(ref)
         if self._node is not None:
             return await self._node.router.activate(info, key, message, idempotency_key, timeout)
-        return await self._activate(info, key, message, idempotency_key, timeout)
+        if idempotency_key is not None or timeout is not None or self._call_timeout is not None:
+            return await self._activate(info, key, message, idempotency_key, timeout)
+        # The commonest call, without the frame of `_activate` (whose first lines these are).
+        if not self._serving:
+            self._check_open()
+        future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
+        resident, call = self._post(info, key, message, None, future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._engine.withdraw(resident, call)
+            raise
 
     async def _activate(
         self,
