@@ -87,26 +87,25 @@ def keys_of(owner_by_partition: dict[int, str | None], node_id: str) -> list[str
     ]
 
 
-def start(
-    nodes: list[NodeProcess], server: PostgresServer, schema: str, count: int, keys: int = KEYS
-) -> None:
-    for i in range(count):
-        nodes.append(NodeProcess(server.dsn, schema, f"n{i}", lease=LEASE, keys=keys))
-    for node in nodes:
-        node.wait_ready()
-
-
 def balanced(server: PostgresServer, schema: str, count: int) -> bool:
     held = owners(server.dsn, schema)
     return len(held) == PARTITIONS and len(set(held.values())) == count
+
+
+def start(nodes: list[NodeProcess], server: PostgresServer, schema: str, count: int) -> None:
+    """Start ``count`` nodes running the workload; return when they share every partition."""
+    for i in range(count):
+        nodes.append(NodeProcess(server.dsn, schema, f"n{i}", lease=LEASE, keys=KEYS))
+    for node in nodes:
+        node.wait_ready()
+    assert wait_until(lambda: balanced(server, schema, count), 20)
+    time.sleep(0.5)
 
 
 def test_sigkill_of_an_owner_loses_nothing_and_its_entities_come_back(
     postgres_server: PostgresServer, schema: str, nodes: list[NodeProcess]
 ) -> None:
     start(nodes, postgres_server, schema, 3)
-    assert wait_until(lambda: balanced(postgres_server, schema, 3), 20)
-    time.sleep(1.0)
     victim = nodes[1]
     theirs = keys_of(owners(postgres_server.dsn, schema), victim.node_id)
     assert theirs, "the victim owns none of the keys"
@@ -132,7 +131,6 @@ def test_a_node_paused_past_its_lease_cannot_commit_when_it_resumes(
     postgres_server: PostgresServer, schema: str, nodes: list[NodeProcess]
 ) -> None:
     start(nodes, postgres_server, schema, 3)
-    assert wait_until(lambda: balanced(postgres_server, schema, 3), 20)
     zombie = nodes[1]
     theirs = keys_of(owners(postgres_server.dsn, schema), zombie.node_id)
     zombie.signal(signal.SIGSTOP)
@@ -161,8 +159,6 @@ def test_a_clean_shutdown_hands_off_without_errors(
     postgres_server: PostgresServer, schema: str, nodes: list[NodeProcess]
 ) -> None:
     start(nodes, postgres_server, schema, 2)
-    assert wait_until(lambda: balanced(postgres_server, schema, 2), 20)
-    time.sleep(0.5)
     leaving = nodes[1]
     left = time.time()
     leaving.stop()
@@ -179,8 +175,6 @@ def test_postgres_restarted_under_load_the_nodes_recover(
     postgres_server: PostgresServer, schema: str, nodes: list[NodeProcess]
 ) -> None:
     start(nodes, postgres_server, schema, 2)
-    assert wait_until(lambda: balanced(postgres_server, schema, 2), 20)
-    time.sleep(0.5)
     restarted = time.time()
     postgres_server.restart()
     time.sleep(0.5)

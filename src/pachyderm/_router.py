@@ -320,6 +320,11 @@ class Router:
 
     # ------------------------------------------------------------------ relays
 
+    async def _poll(self, p: int, kind: str, body: list[Any]) -> Any:
+        """One long poll at the owner of partition ``p``; ``Unavailable`` if none answered."""
+        _, answer = await self._routed(p, self._deadline(None), _never, kind, body)
+        return answer
+
     def follow_channel(self, info: EntityInfo, key: str, since: int | None) -> Channel:
         """A channel fed by a relay from wherever the entity's partition is served."""
         out = Channel(self.world.options.follower_buffer)
@@ -354,8 +359,7 @@ class Router:
                         channel, _ = await world._subscribe_local(ref, last)
                     except Unavailable:
                         lost.cancel()
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 1.0)
+                        delay = await _backoff(delay)
                         continue
                     try:
                         while not out.closed:
@@ -372,12 +376,9 @@ class Router:
                         lost.cancel()
                     continue
                 try:
-                    _, items = await self._routed(
-                        p, self._deadline(None), _never, "follow", [*ref, last, _POLL]
-                    )
+                    items = await self._poll(p, "follow", [*ref, last, _POLL])
                 except Unavailable:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+                    delay = await _backoff(delay)
                     continue
                 delay = _FIRST_DELAY
                 if not isinstance(items, list):
@@ -418,12 +419,9 @@ class Router:
                                 del engine.event_channels[ref]
                     continue
                 try:
-                    _, version = await self._routed(
-                        p, self._deadline(None), _never, "events", [*ref, known, _POLL]
-                    )
+                    version = await self._poll(p, "events", [*ref, known, _POLL])
                 except Unavailable:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+                    delay = await _backoff(delay)
                     continue
                 delay = _FIRST_DELAY
                 if type(version) is int and version > known:
@@ -488,8 +486,7 @@ class Router:
                             queue.popleft()
                         delay = _FIRST_DELAY
                         continue
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = await _backoff(delay)
                 with contextlib.suppress(PachydermError):
                     await node.refresh()
         finally:
@@ -605,6 +602,12 @@ class Router:
 
     async def _serve_status(self, body: Any) -> dict[str, object]:
         return {**self.node.status(), "router": dict(self.stats)}
+
+
+async def _backoff(delay: float) -> float:
+    """Wait ``delay`` seconds; return the next wait (doubled, at most 1 s)."""
+    await asyncio.sleep(delay)
+    return min(delay * 2, 1.0)
 
 
 async def _never(_: float) -> Any:  # pragma: no cover - follow and events route themselves
