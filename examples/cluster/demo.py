@@ -50,8 +50,9 @@ def run(dsn: str) -> int:
             else:
                 print(f"{node_id} ended early", file=sys.stderr)
                 status = 1
-        for node_id, proc in procs.items():  # leave one by one: hand-offs, not failures
-            assert proc.stdin is not None and proc.stdout is not None
+        for proc in procs.values():  # leave one by one: hand-offs, not failures
+            assert proc.stdin is not None
+            assert proc.stdout is not None
             proc.stdin.close()
             print(proc.stdout.read(), end="")
             status = status or proc.wait(60)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/ for usernames.py
 
-import pachyderm  # noqa: E402
-from usernames import UsernameCache, UsernameRegistration, User, register  # noqa: E402
+from usernames import User, UsernameCache, UsernameRegistration, register
+
+import pachyderm
 
 #: Every name the demo's nodes register, between them.
 ALL_NAMES = ("alice", "alfred", "bob", "bonnie", "carol", "casper", "dave", "daphne")
