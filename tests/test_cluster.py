@@ -558,3 +558,16 @@ async def test_a_node_that_wrongly_believes_it_owns_a_partition_cannot_commit(
     assert a.statistics()["fenced"] == 1
     assert not na.serving(p)
     assert await b.read((Counter, key)) == 2
+
+
+async def test_a_closed_node_takes_no_calls(cluster: Cluster) -> None:
+    a = await cluster.node("a")
+    b = await cluster.node("b")
+    await cluster.settle(2)
+    key = keys_on(a, 1)[0]
+    await b.aclose()
+    with pytest.raises(pachyderm.Unavailable, match="not running"):
+        await b.activate((Counter, key), "inc")  # not forwarded by a node that has left
+    with pytest.raises(pachyderm.Unavailable):
+        await b.read((Counter, key))
+    assert await a.activate((Counter, key), "inc") == 1

@@ -67,6 +67,14 @@ async def test_membership_and_the_cluster_size(postgres: PostgresSchemas) -> Non
         await two.leave("n2")
         await one.heartbeat("n1")
         assert [m[0] for m in await two.members(60)] == ["n1"]
+        await two.join("n3", "127.0.0.1:7003", "T:1")
+        assert await one.forget_nodes(60) == []  # nobody that old
+        await asyncio.sleep(0.05)
+        await one.heartbeat("n1")
+        assert await one.forget_nodes(0.04) == ["n3"]  # silent longer than that: forgotten
+        count, rows = await two.nodes()
+        assert count == 16
+        assert [r[0] for r in rows] == ["n1"]
         with pytest.raises(pachyderm.InvalidOptions):
             await one.cluster_size(0)
     finally:

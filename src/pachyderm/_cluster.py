@@ -51,6 +51,9 @@ log = logging.getLogger("pachyderm.cluster")
 
 #: How long a hand-off waits for the partition's entities to finish their queued calls.
 _DRAIN: Final = 5.0
+#: Every this many ticks, a node deletes the rows of nodes silent for ``_FORGET_AFTER`` s.
+_FORGET_EVERY: Final = 300
+_FORGET_AFTER: Final = 3600.0
 
 
 def parse_listen(listen: object) -> tuple[str, int]:
@@ -272,6 +275,8 @@ class Node:
             self._spawn(self._handoff(give))
         if set(self.members) != before:  # a sender may have died before forwarding
             self.engine.dispatcher.sweep_soon()
+        if self.stats["ticks"] % _FORGET_EVERY == 1:  # the rows of nodes long dead go
+            await backend.forget_nodes(max(_FORGET_AFTER, 10 * self.lease))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -226,6 +226,8 @@ class World:
         ):
             info, key = self._registry.resolve(ref)
         if self._node is not None:
+            if not self._serving:
+                self._check_open()
             return await self._node.router.activate(info, key, message, idempotency_key, timeout)
         if idempotency_key is not None or timeout is not None or self._call_timeout is not None:
             return await self._activate(info, key, message, idempotency_key, timeout)

@@ -319,6 +319,11 @@ class Postgres(Backend):
         _, world = self._open()
         await self._fetch("leave", world, node)
 
+    async def forget_nodes(self, older_than: float) -> list[str]:
+        """Delete the rows of nodes not heard from for ``older_than`` seconds; return their ids."""
+        _, world = self._open()
+        return [row[0] for row in await self._fetch("forget_nodes", world, float(older_than))]
+
     async def members(
         self, alive_within: float, *, timeout: float | None = None
     ) -> list[tuple[str, str, str]]:

@@ -204,6 +204,10 @@ _STATEMENTS: Final = {
     ),
     "heartbeat": "UPDATE {s}.nodes SET heartbeat = now() WHERE world = $1 AND id = $2",
     "leave": "DELETE FROM {s}.nodes WHERE world = $1 AND id = $2",
+    "forget_nodes": (
+        "DELETE FROM {s}.nodes WHERE world = $1"
+        " AND heartbeat < now() - make_interval(secs => $2) RETURNING id"
+    ),
     "members": (
         "SELECT id, address, types FROM {s}.nodes WHERE world = $1"
         " AND heartbeat > now() - make_interval(secs => $2) ORDER BY id"
