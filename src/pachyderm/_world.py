@@ -212,6 +212,13 @@ class World:
 
         Cancellation: if the message has not started running it is withdrawn and nothing happens;
         if it is running or committing it may still commit, and the result is dropped.
+
+        In a cluster the call runs on the node that owns the entity's partition (forwarded
+        there, the message as MessagePack); while no node serves it, the call waits until its
+        deadline (``timeout``, else ``call_timeout``, else three leases) and then raises
+        ``Unavailable``. A forwarded call whose connection is lost raises ``Indeterminate``,
+        or is sent again if it has an ``idempotency_key``. A cancelled forwarded call may still
+        run on the owner.
         """
         # The hot path: every step below is inlined on purpose (this runs once per activation).
         info = self._types.get(ref[0]) if type(ref) is tuple and len(ref) == 2 else None
@@ -331,10 +338,12 @@ class World:
     async def read(self, ref: tuple[type[Entity], Any]) -> Any:
         """Return the entity's latest committed state, or ``init()`` if it was never activated.
 
-        Runs no activation and writes nothing. Cancellation has no effect on the entity.
+        Runs no activation and writes nothing. Cancellation has no effect on the entity. In a
+        cluster it reads at the owner of the entity's partition (the state it has committed).
 
         Raises:
-            InvalidKey, UnknownEntityType: a bad ref. Unavailable: the backend cannot be read.
+            InvalidKey, UnknownEntityType: a bad ref. Unavailable: the backend cannot be read
+            (in a cluster: no node served the partition within three leases).
             IncompatibleVersion, SerializationError: the stored state cannot be used here.
         """
         info, key = self._registry.resolve(ref)
@@ -358,7 +367,9 @@ class World:
             versions: yield ``(version, state)`` pairs instead of states.
 
         The subscription is registered atomically with the first state, so no version is missed
-        or repeated between them. See ``Follower`` for slow readers and unsubscribing.
+        or repeated between them. See ``Follower`` for slow readers and unsubscribing. In a
+        cluster it follows the entity wherever its partition is served, and resumes after a
+        move from its last version (versions it could not see are counted in ``skipped``).
         """
         info, key = self._registry.resolve(ref)
         self._check_open()
