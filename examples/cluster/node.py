@@ -58,6 +58,10 @@ async def main(dsn: str, node_id: str, names: list[str]) -> None:
         for name in ALL_NAMES:  # the other nodes' names arrive through the follow streams
             await asyncio.wait_for(cache.until_taken(name), 60)
         say(node_id, f"the cache sees all {len(ALL_NAMES)} names, served by followers")
+        for _ in range(200):  # its share may still be on its way (the others hand it off)
+            if node.held:
+                break
+            await asyncio.sleep(0.05)
         say(node_id, f"it serves {len(node.held)} of {node.count} partitions")
         user = await world.read((User, node_id))
         say(node_id, f"user {node_id}: {user}")

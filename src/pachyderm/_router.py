@@ -5,9 +5,10 @@ partition this node serves runs here; otherwise it is forwarded to the owner ove
 (``_transport``: authenticated, bounded, pipelined msgspec frames). When the partition has no
 serving owner (it is moving, or its owner died and the lease has not expired yet), the call
 waits and retries, with a backoff, until its deadline (its ``timeout``, else the world's
-``call_timeout``, else ``3 * lease``), then raises ``Unavailable``. A forwarded ``activate`` whose
-connection drops before the answer may have committed there: it raises ``Indeterminate``, or is
-retried when it carries an idempotency key (the retry then returns the first one's result).
+``call_timeout``, else ``3 * lease`` and at least 10 s), then raises ``Unavailable``. A
+forwarded ``activate`` whose connection drops before the answer may have committed there: it
+raises ``Indeterminate``, or is retried when it carries an idempotency key (the retry then
+returns the first one's result).
 
 Messages and results cross the network as MessagePack (like ``send`` messages): a forwarded
 message arrives as builtin values (tuples become lists), states and events as the bytes their
@@ -118,7 +119,7 @@ class Router:
         self.world = node.world
         self.engine = node.engine
         self.secret = secret
-        self.patience = 3 * node.lease
+        self.patience = max(3 * node.lease, 10.0)
         self.peers: dict[str, Peer] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.relays: dict[object, asyncio.Task[None]] = {}

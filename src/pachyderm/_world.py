@@ -215,10 +215,10 @@ class World:
 
         In a cluster the call runs on the node that owns the entity's partition (forwarded
         there, the message as MessagePack); while no node serves it, the call waits until its
-        deadline (``timeout``, else ``call_timeout``, else three leases) and then raises
-        ``Unavailable``. A forwarded call whose connection is lost raises ``Indeterminate``,
-        or is sent again if it has an ``idempotency_key``. A cancelled forwarded call may still
-        run on the owner.
+        deadline (``timeout``, else ``call_timeout``, else three leases and at least 10 s),
+        then raises ``Unavailable``. A forwarded call whose connection is lost raises
+        ``Indeterminate``, or is sent again if it has an ``idempotency_key``. A cancelled
+        forwarded call may still run on the owner.
         """
         # The hot path: every step below is inlined on purpose (this runs once per activation).
         info = self._types.get(ref[0]) if type(ref) is tuple and len(ref) == 2 else None
@@ -343,7 +343,7 @@ class World:
 
         Raises:
             InvalidKey, UnknownEntityType: a bad ref. Unavailable: the backend cannot be read
-            (in a cluster: no node served the partition within three leases).
+            (in a cluster: no node served the partition within three leases, at least 10 s).
             IncompatibleVersion, SerializationError: the stored state cannot be used here.
         """
         info, key = self._registry.resolve(ref)
