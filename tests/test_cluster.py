@@ -147,7 +147,12 @@ async def cluster(postgres_server: PostgresServer) -> AsyncIterator[Cluster]:
     try:
         yield made
     finally:
-        await made.close()
+        try:
+            await asyncio.wait_for(made.close(), 60)
+        except TimeoutError:  # a node that cannot stop: say where every task waits
+            for task in asyncio.all_tasks():
+                task.print_stack(limit=8)
+            raise
 
 
 def owner(cluster: Cluster, ref: tuple[type[pachyderm.Entity], str]) -> pachyderm.World:
