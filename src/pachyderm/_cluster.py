@@ -2,14 +2,15 @@
 
 Each process running ``World(Postgres(dsn), listen=..., secret=...)`` is a node. Every
 ``lease / 5`` seconds (a *tick*) it refreshes its row in the ``nodes`` table, reads the live
-members, computes the fair share of every node (``fair_share``: the same answer on every node)
-and, in one statement, claims the partitions of its share that are free or expired and extends
-the leases it holds (``Postgres.claim``). The database's clock decides leases; the node's own
-deadline is on its monotonic clock: it counts a lease from *before* the statement was sent and
-stops serving ``lease / 5`` before that lease would expire (the margin), so it stops before
-anyone may take over, even if its renewals stop getting through. Correctness never rests on
-that: every commit carries the partition's ``Fence`` and loses unless the lease is still this
-node's at that epoch, in the same statement.
+members, computes the fair share of every node (``fair_share``: the same answer on every node),
+extends the leases it holds (``Postgres.renew``, one statement), then claims the partitions of
+its share that are free or expired (``Postgres.claim``, one statement, which may wait for a
+lease row that an old owner's commit still locks). The database's clock decides leases; the
+node's own deadline is on its monotonic clock: it counts a lease from *before* the renewal was
+sent and stops serving ``lease / 5`` before that lease would expire (the margin), so it stops
+before anyone may take over, even if its renewals stop getting through. Correctness never rests
+on that: every commit carries the partition's ``Fence`` and loses unless the lease is still
+this node's at that epoch, checked in the commit's transaction.
 
 Partitions of its own that the fair share gives to another node are handed off: calls for them
 wait (``moving``), the entities drain (queued calls run and commit), they leave memory, and the
