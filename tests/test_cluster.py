@@ -576,3 +576,27 @@ async def test_a_closed_node_takes_no_calls(cluster: Cluster) -> None:
     with pytest.raises(pachyderm.Unavailable):
         await b.read((Counter, key))
     assert await a.activate((Counter, key), "inc") == 1
+
+
+async def test_event_streams_move_with_their_partition_and_never_skip(cluster: Cluster) -> None:
+    a = await cluster.node("a")
+    await cluster.settle(1)
+    keys = [f"acct{i}" for i in range(6)]
+    got: dict[str, list[int]] = {k: [] for k in keys}
+
+    async def read(key: str) -> None:
+        async for seq, _ in a.events((Account, key)):
+            got[key].append(seq)
+            if seq == 24:
+                return
+
+    tasks = [asyncio.create_task(read(k)) for k in keys]
+    for round in range(24):
+        if round == 8:
+            await cluster.node("b")  # partitions move away from a, under load
+        if round == 16:
+            await cluster.node("c")
+        await asyncio.gather(*(a.activate((Account, k), 1) for k in keys))
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    for key in keys:
+        assert got[key] == list(range(1, 25))  # every event once, in order, across the moves
