@@ -197,19 +197,15 @@ async def test_a_follower_on_another_node_sees_every_version_in_order(cluster: C
     async def follow() -> None:
         async for version, state in b.follow((Counter, key), versions=True):
             seen.append((version, state))
-            if version == 10:
+            if version == 300:
                 return
 
     task = asyncio.create_task(follow())
     await until(lambda: seen)
-    for _ in range(10):
-        await a.activate((Counter, key), "inc")
-        await asyncio.sleep(0.02)  # one commit per poll: none conflated
-    await asyncio.wait_for(task, 10)
-    versions = [v for v, _ in seen]
-    assert versions == sorted(set(versions))
-    assert versions[-1] == 10
-    assert all(v == s for v, s in seen)
+    for _ in range(60):  # bursts of 5 versions; those between two polls wait in its session
+        await asyncio.gather(*(a.activate((Counter, key), "inc") for _ in range(5)))
+    await asyncio.wait_for(task, 20)
+    assert seen == [(v, v) for v in range(0, 301)]  # every version, once, in order
 
 
 async def test_followers_move_with_their_partition_without_gaps_or_repeats(
@@ -600,3 +596,25 @@ async def test_event_streams_move_with_their_partition_and_never_skip(cluster: C
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
     for key in keys:
         assert got[key] == list(range(1, 25))  # every event once, in order, across the moves
+
+
+async def test_a_remote_followers_session_keeps_the_versions_between_its_polls(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.node("a")
+    await cluster.settle(1)
+    assert a._node is not None
+    host, _, port = a._node.address.rpartition(":")
+    peer = await Peer.connect(host, int(port), SECRET, "a-remote-follower")
+    try:
+        first = await peer.call("follow", ["Counter", "s1", None, 1.0, "f/1"])
+        assert [v for v, _ in first] == [0]
+        for _ in range(5):  # while no poll is outstanding
+            await a.activate((Counter, "s1"), "inc")
+        again = await peer.call("follow", ["Counter", "s1", 0, 1.0, "f/1"])
+        assert [v for v, _ in again] == [1, 2, 3, 4, 5]  # none conflated away
+        # Another follower, without a session yet, starts from the current version.
+        other = await peer.call("follow", ["Counter", "s1", 0, 1.0, "f/2"])
+        assert [v for v, _ in other] == [5]
+    finally:
+        await peer.close()

@@ -267,6 +267,7 @@ class Node:
             self.recovering.add(p)
         if self.leaving:
             return
+        self.router.expire_sessions(self.clock.monotonic())
         await self.refresh(force=True)
         if new:  # read their stored rows, on the side: the next ticks must not wait for it
             self.stats["claimed"] += len(new)

@@ -16,10 +16,10 @@ type's codec made. An ``ActivationFailed`` from another node carries the handler
 text, not its ``__cause__``.
 
 Followers and event streams are *relays*: a task that subscribes where the partition is
-served, locally or by long polls at the owner, resumes from the last version (or seq) after a
-move, and never yields a version twice or out of order. A remote follower of an entity that
-commits faster than a poll round trip skips versions (counted in ``Follower.skipped``), as a
-slow local follower does. Outbox messages to entities of other nodes' partitions are forwarded
+served, locally or by long polls at the owner (which keeps a remote follower's subscription
+between its polls: a session), resumes from the last version (or seq) after a move, and never
+yields a version twice or out of order; versions committed while it moved are counted in
+``Follower.skipped``. Outbox messages to entities of other nodes' partitions are forwarded
 in order per receiver, retried until an owner takes them (the row stays in storage meanwhile:
 a new owner reads it when it claims the partition, and owners sweep the outbox periodically).
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,8 @@ log = logging.getLogger("pachyderm.cluster")
 
 #: Seconds a long poll (follow, events) waits at the owner before answering "nothing new".
 _POLL: Final = 10.0
+#: Remote followers' sessions kept per node (beyond, the oldest ends; its follower resumes).
+_MAX_SESSIONS: Final = 10_000
 #: Envelopes waiting to be forwarded per receiver; beyond, they wait in storage for a sweep.
 _MAX_OUTGOING: Final = 10_000
 _FIRST_DELAY: Final = 0.01
@@ -107,6 +110,19 @@ def _unwire(raw: object) -> Envelope:
     return Envelope(*f)
 
 
+class _Session:
+    """A remote follower's subscription here, kept between its long polls."""
+
+    __slots__ = ("busy", "channel", "last", "ref", "used")
+
+    def __init__(self, ref: tuple[str, str], channel: Channel, last: int | None, used: float):
+        self.ref = ref
+        self.channel = channel
+        self.last = last  # the last version given to it (its next poll says it saw it)
+        self.used = used
+        self.busy = False
+
+
 class Moved(Unavailable):
     """This node does not (or no longer) serve the entity's partition: route the call again."""
 
@@ -126,6 +142,8 @@ class Router:
         self.outgoing: dict[tuple[str, str], deque[Envelope]] = {}
         self._senders: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.early: dict[int, list[Envelope]] = {}
+        self._sessions: dict[str, _Session] = {}  # remote followers polling here, oldest first
+        self._session_ids = itertools.count(1)
         self.closed = False
         self.stats = {"forwarded": 0, "served": 0, "retries": 0}
         self._handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
@@ -167,6 +185,8 @@ class Router:
 
     async def close(self) -> None:
         self.closed = True
+        for sid in list(self._sessions):
+            self._end_session(sid)
         for task in [*self.relays.values(), *self._senders.values()]:
             task.cancel()
         for task in [*self.relays.values(), *self._senders.values()]:
@@ -351,6 +371,7 @@ class Router:
         p = node.partition(*ref)
         last = since  # None: start with the current state
         started = False
+        session = f"{node.id}/{next(self._session_ids)}"  # its subscription at the owner
         delay = _FIRST_DELAY
         try:
             while not out.closed and not self.closed:
@@ -377,7 +398,7 @@ class Router:
                         lost.cancel()
                     continue
                 try:
-                    items = await self._poll(p, "follow", [*ref, last, _POLL])
+                    items = await self._poll(p, "follow", [*ref, last, _POLL, session])
                 except Unavailable:
                     delay = await _backoff(delay)
                     continue
@@ -545,22 +566,58 @@ class Router:
         return (await self.engine.loaded(info, key)).data
 
     async def _serve_follow(self, body: Any) -> list[list[Any]]:
-        type_name, key, after, wait = _body(body, 4)
+        """A long poll of a remote follower: the versions after ``after``, or none in ``wait``.
+
+        The follower's subscription stays here between its polls (its *session*), so that it
+        misses nothing it polls for in time (up to ``follower_buffer`` versions between two
+        polls, as a local follower); a session not polled for ``3 * _POLL`` seconds ends.
+        """
+        type_name, key, after, wait, sid = _body(body, 5)
         info, key = self._mine(type_name, key)
         since = _int(after, "version", none=True)
+        if type(sid) is not str or not 0 < len(sid) <= 300:
+            raise InvalidOptions("a malformed follow session from a peer")
         ref = (info.name, key)
-        channel, _ = await self.world._subscribe_local(ref, since)
+        now = self.node.clock.monotonic()
+        self.expire_sessions(now)
+        session = self._sessions.get(sid)
+        if session is None or session.ref != ref or session.last != since or session.busy:
+            self._end_session(sid)
+            channel, _ = await self.world._subscribe_local(ref, since)
+            session = self._sessions[sid] = _Session(ref, channel, since, now)
+            if len(self._sessions) > _MAX_SESSIONS:
+                self._end_session(next(iter(self._sessions)))  # the oldest
+        channel = session.channel
+        session.busy = True
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(channel.wait(), min(self._timeout(wait), _POLL))
-            items = []
-            while (item := channel.pop_nowait()) is not None:
-                items.append([item[0], item[1]])
-            if not items and channel.closed:
-                raise Unavailable("the partition moved")
-            return items
         finally:
-            self.world._unsubscribe_local(ref, channel)
+            session.busy = False
+        items: list[list[Any]] = []
+        while (item := channel.pop_nowait()) is not None:
+            items.append([item[0], item[1]])
+        if not items and channel.closed:
+            if self._sessions.get(sid) is session:  # (not one that replaced it meanwhile)
+                self._end_session(sid)
+            raise Moved("the partition moved")
+        if items:
+            session.last = items[-1][0]
+        session.used = self.node.clock.monotonic()
+        return items
+
+    def _end_session(self, sid: str) -> None:
+        session = self._sessions.pop(sid, None)
+        if session is not None:
+            self.world._unsubscribe_local(session.ref, session.channel)
+            session.channel.close()
+
+    def expire_sessions(self, now: float) -> None:
+        """End the follow sessions of remote followers that stopped polling."""
+        for sid in [
+            s for s, x in self._sessions.items() if not x.busy and x.used < now - 3 * _POLL
+        ]:
+            self._end_session(sid)
 
     async def _serve_events(self, body: Any) -> int:
         type_name, key, after, wait = _body(body, 4)
