@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -99,11 +100,16 @@ def _columns(path: Path, table: str) -> list[str]:
         return [row[1] for row in conn.execute("SELECT * FROM pragma_table_info(?)", (table,))]
 
 
-async def test_a_schema_version_1_file_is_migrated_on_open(db: Path) -> None:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        for statement in SCHEMA_1:
+def _create(path: Path, statements: Sequence[str]) -> None:
+    """A file as an older version of the backend left it."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for statement in statements:
             conn.execute(statement)
         conn.commit()
+
+
+async def test_a_schema_version_1_file_is_migrated_on_open(db: Path) -> None:
+    _create(db, SCHEMA_1)
     assert "outbox" not in _tables(db)
     assert "snapshot" not in _columns(db, "entities")
     async with opened(SQLite(db)) as b:
@@ -129,10 +135,7 @@ async def test_a_schema_version_1_file_is_migrated_on_open(db: Path) -> None:
 
 
 async def test_a_schema_version_2_file_is_migrated_on_open(db: Path) -> None:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        for statement in SCHEMA_2:
-            conn.execute(statement)
-        conn.commit()
+    _create(db, SCHEMA_2)
     assert "events" not in _tables(db)
     assert "snapshot" not in _columns(db, "entities")
     message = Envelope("T", "a", 3, 0, "T", "b", 0.0, None, b"m")

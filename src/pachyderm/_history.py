@@ -449,13 +449,7 @@ class _Folds:
             except Exception as exc:
                 return self.diverged(f"init() raised {type(exc).__name__}: {exc}")
             forms.append(_comparable(self.states[index], "the init() state"))
-        if forms[0] != forms[1]:
-            return self.diverged(
-                f"init() is not deterministic: two calls give {_show(forms[0])} and "
-                f"{_show(forms[1])}"
-            )
-        self.current = forms[0]
-        return None
+        return self._agree(forms, "init() is not deterministic: two calls give")
 
     def step(self, seq: int, decode: Callable[[], Any]) -> Replay | None:
         """Fold event ``seq`` (``decode()`` gives a fresh copy of it) into both states."""
@@ -471,11 +465,14 @@ class _Folds:
             self.states[index] = state
             # Right after this fold's apply, before the other's: shared mutable state shows.
             forms.append(_comparable(state, f"the state after event {seq}"))
+        return self._agree(
+            forms, f"event {seq}: apply is not deterministic: two folds of the same events give"
+        )
+
+    def _agree(self, forms: list[Any], what: str) -> Replay | None:
+        """The two folds' states must be equal: then it is the current one, else they diverged."""
         if forms[0] != forms[1]:
-            return self.diverged(
-                f"event {seq}: apply is not deterministic: two folds of the same events give "
-                f"{_show(forms[0])} and {_show(forms[1])}"
-            )
+            return self.diverged(f"{what} {_show(forms[0])} and {_show(forms[1])}")
         self.current = forms[0]
         return None
 

@@ -159,6 +159,16 @@ def _short(value: object) -> str:
     return text if len(text) <= 240 else f"{text[:240]}... ({len(text)} characters)"
 
 
+async def _race(backend: Backend, make: Callable[[int], Write], count: int, what: str) -> int:
+    """Commit ``make(i)`` for every ``i < count`` at once; exactly one may win: its ``i``."""
+    results = await asyncio.gather(*(backend.commit([make(i)]) for i in range(count)))
+    winners = [i for i, result in enumerate(results) if result == [True]]
+    losers = [i for i, result in enumerate(results) if result == [False]]
+    _expect_equal(len(winners), 1, f"winners among {count} {what}")
+    _expect_equal(len(losers), count - 1, f"losers among {count} {what}")
+    return winners[0]
+
+
 def _expect_equal(actual: object, expected: object, what: str) -> None:
     if actual != expected:
         raise AssertionError(f"{what}: expected {_short(expected)}, got {_short(actual)}")
@@ -636,14 +646,12 @@ async def _case_concurrent_same_key(make_backend: BackendFactory, reopen: Reopen
     """Of 50 concurrent commits expecting the same version of one entity, exactly one wins."""
     async with _opened(_new(make_backend)) as backend:
         for expected in (0, 1):
-            results = await asyncio.gather(
-                *(backend.commit([_write("k", expected, data=b"%d" % i)]) for i in range(50))
-            )
-            winners = [i for i, result in enumerate(results) if result == [True]]
-            losers = [i for i, result in enumerate(results) if result == [False]]
-            _expect_equal(len(winners), 1, f"winners among 50 commits expecting {expected}")
-            _expect_equal(len(losers), 49, f"losers among 50 commits expecting {expected}")
-            await _expect_row(backend, "k", Stored(expected + 1, 1, b"%d" % winners[0]))
+
+            def write(i: int, expected: int = expected) -> Write:
+                return _write("k", expected, data=b"%d" % i)
+
+            winner = await _race(backend, write, 50, f"commits expecting {expected}")
+            await _expect_row(backend, "k", Stored(expected + 1, 1, b"%d" % winner))
 
 
 @_case
