@@ -77,6 +77,14 @@ class _Sink:
 SINK: Final[Any] = _Sink()
 
 
+def delivering(resident: Resident, id: EnvelopeId) -> bool:
+    """Whether the row ``id`` was delivered to ``resident`` and is not applied yet."""
+    deliveries = resident.deliveries
+    if isinstance(deliveries, tuple):
+        return deliveries == id
+    return deliveries is not None and id in deliveries
+
+
 class Dispatcher:
     """Delivers the outbox of one world: see the module docstring."""
 
@@ -207,7 +215,7 @@ class Dispatcher:
             for envelope in page:
                 if envelope.due == 0.0 and mine((envelope.to_type, envelope.to_key)):
                     resident = self.engine.residents.get((envelope.to_type, envelope.to_key))
-                    if resident is None or envelope.id not in (resident.deliveries or ()):
+                    if resident is None or not delivering(resident, envelope.id):
                         self.deliver(envelope)
             if len(page) < _SCAN_PAGE:
                 return
@@ -231,18 +239,19 @@ class Dispatcher:
         if self._attempts:
             self._attempts.pop(resident.ref, None)  # its deliveries work (again)
         consumes = outbox.consumes
-        deliveries = resident.deliveries
-        for consume in consumes:
-            if deliveries is not None:
-                deliveries.discard(consume.id)
-            if consume.dead is not None or consume.timer:
-                self._applied(resident.ref, [consume])
-        if deliveries is not None and not deliveries:
-            resident.deliveries = None
-        sender = (write.type_name, write.key)
+        if consumes:
+            deliveries = resident.deliveries
+            if isinstance(deliveries, tuple) and len(consumes) == 1:  # the common case
+                if deliveries == consumes[0].id:
+                    resident.deliveries = None
+            elif deliveries is not None:
+                self.forget(resident, [consume.id for consume in consumes])
+            for consume in consumes:
+                if consume.dead is not None or consume.timer:
+                    self._applied(resident.ref, [consume])
         for name in outbox.cancels:
-            self._drop_name((*sender, name))
-        self.sent(sender, outbox.sends)
+            self._drop_name((write.type_name, write.key, name))
+        self.sent(outbox.sends)
 
     def _applied(self, receiver: tuple[str, str], consumes: Sequence[Consume]) -> None:
         """Count (and log, for dead letters) the rows a committed write consumed.
@@ -270,14 +279,14 @@ class Dispatcher:
             elif consume.timer:
                 self.stats["timers_fired"] += 1
 
-    def sent(self, sender: tuple[str, str], sends: Sequence[Envelope]) -> None:
-        """These rows of ``sender`` are committed: deliver the messages, keep the near timers."""
+    def sent(self, sends: Sequence[Envelope]) -> None:
+        """These rows are committed: deliver the messages, keep the near timers."""
         for envelope in sends:
             if envelope.due == 0.0:
                 self.deliver(envelope)
                 continue
             if envelope.name is not None:
-                self._drop_name((*sender, envelope.name))
+                self._drop_name((envelope.sender_type, envelope.sender_key, envelope.name))
             if envelope.due <= self._until:
                 self._add_timer(envelope)
 
@@ -315,9 +324,13 @@ class Dispatcher:
         id = envelope.id
         deliveries = resident.deliveries
         if deliveries is None:
-            resident.deliveries = {id}
+            resident.deliveries = id
+        elif isinstance(deliveries, tuple):
+            if deliveries == id:
+                return  # delivered already, not applied yet: this copy adds nothing
+            resident.deliveries = {deliveries, id}
         elif id in deliveries:
-            return  # delivered already, not applied yet: this copy adds nothing
+            return
         else:
             deliveries.add(id)
         call = _new_call(Call)
@@ -391,7 +404,10 @@ class Dispatcher:
     def forget(resident: Resident, ids: list[EnvelopeId]) -> None:
         """These rows are no longer delivered to ``resident`` (applied, gone or retried)."""
         deliveries = resident.deliveries
-        if deliveries is not None:
+        if isinstance(deliveries, tuple):
+            if deliveries in ids:
+                resident.deliveries = None
+        elif deliveries is not None:
             deliveries.difference_update(ids)
             if not deliveries:
                 resident.deliveries = None
@@ -461,7 +477,7 @@ class Dispatcher:
             self.doubt.pop(ref, None)
             self.doubt_consumed.pop(ref, None)
             split = len(sends)
-            self.sent(ref, [e for e, ok in zip(sends, alive[:split], strict=True) if ok])
+            self.sent([e for e, ok in zip(sends, alive[:split], strict=True) if ok])
             found = dict(zip([c.id for c in consumed], alive[split:], strict=True))
             gone = [
                 c

@@ -32,6 +32,9 @@ class Send:
         return f"send({self.ref!r}, {self.message!r})"
 
 
+_new_send = Send.__new__
+
+
 class After:
     """A durable timer: ``message`` is delivered to ``to`` (``None``: the sender) after a delay."""
 
@@ -76,7 +79,10 @@ def send(ref: Any, message: Any) -> Send:
     order they were sent. A message to the sender itself runs after the current activation
     commits, as a new activation.
     """
-    return Send(ref, message)
+    effect = _new_send(Send)  # `Send(ref, message)` without its __init__ frame (a hot path)
+    effect.ref = ref
+    effect.message = message
+    return effect
 
 
 def after(seconds: float, message: Any, *, to: Any = None, name: str | None = None) -> After:

@@ -20,6 +20,9 @@ __all__ = ["effects_of", "faults_after_commit", "outbox_of"]
 #: The due time of a timer is never 0.0 (that marks a message to deliver at once).
 _LEAST_DUE: Final = 5e-324
 raw_encode = UNTYPED.raw_encode
+new_envelope = Envelope.__new__
+new_consume = Consume.__new__
+new_outbox = Outbox.__new__
 
 
 def effects_of(
@@ -37,10 +40,13 @@ def effects_of(
             f"the activation returned {len(effects)} effects; max_effects is {options.max_effects}"
         )
     info, key = resident.info, resident.key
+    sender_type = info.name
     out: list[Envelope | str] = []
     wall: float | None = None
     resolve = engine.registry.resolve
-    for index, effect in enumerate(effects):
+    index = -1
+    for effect in effects:
+        index += 1
         kind = type(effect)
         if kind is Cancel:
             out.append(effect.name)  # type: ignore[attr-defined]
@@ -57,7 +63,7 @@ def effects_of(
             name = effect.name  # type: ignore[attr-defined]
         else:
             raise ActivationFailed(
-                f"{info.name}: an effect is made by pachyderm.send(), after() or cancel(); "
+                f"{sender_type}: an effect is made by pachyderm.send(), after() or cancel(); "
                 f"got {effect!r:.80}"
             )
         message = effect.message  # type: ignore[attr-defined]
@@ -72,7 +78,19 @@ def effects_of(
             raise TooLarge(
                 f"a message is {len(data)} bytes; max_message_bytes is {options.max_message_bytes}"
             )
-        out.append(Envelope(info.name, key, version, index, to_info.name, to_key, due, name, data))
+        # `Envelope(...)` without the dataclass's Python __init__ and __post_init__ frames.
+        row = new_envelope(Envelope)
+        row.sender_type = sender_type
+        row.sender_key = key
+        row.version = version
+        row.index = index
+        row.to_type = to_info.name
+        row.to_key = to_key
+        row.due = due
+        row.name = name
+        row.data = data
+        row.id = (sender_type, key, version, index)
+        out.append(row)
     return out
 
 
@@ -82,6 +100,10 @@ def outbox_of(calls: list[Call]) -> Outbox | None:
     Effects apply in call order: a later named timer replaces an earlier one of this write, and
     a cancel removes an earlier one of this write as well as the stored one.
     """
+    if len(calls) == 1:  # the common case, without the lists
+        fast = _outbox_of_one(calls[0])
+        if fast is not None:
+            return fast
     sends: list[Envelope] = []
     cancels: list[str] = []
     consumes: list[Consume] = []
@@ -110,6 +132,36 @@ def outbox_of(calls: list[Call]) -> Outbox | None:
     if not (sends or cancels or consumes):
         return None
     return Outbox(tuple(sends), tuple(cancels), tuple(consumes))
+
+
+def _outbox_of_one(call: Call) -> Outbox | None:
+    """``outbox_of([call])`` for a call whose effects hold no timer name and no cancel (else
+    None: the general case). Builds the same objects, without their Python __init__ frames."""
+    effects = call.effects
+    if effects:
+        for effect in effects:
+            if type(effect) is str or effect.name is not None:  # type: ignore[union-attr]
+                return None
+        sends: tuple[Envelope, ...] = tuple(effects)  # type: ignore[arg-type]
+    else:
+        sends = ()
+    delivery = call.delivery
+    if delivery is None:
+        if not sends:
+            return None
+        consumes: tuple[Consume, ...] = ()
+    else:
+        consume = new_consume(Consume)
+        consume.id = delivery.id
+        result = call.result
+        consume.dead = _dead_reason(result) if isinstance(result, BaseException) else None
+        consume.timer = delivery.due != 0.0
+        consumes = (consume,)
+    outbox = new_outbox(Outbox)
+    outbox.sends = sends
+    outbox.cancels = ()
+    outbox.consumes = consumes
+    return outbox
 
 
 def _dead_reason(error: object) -> str:

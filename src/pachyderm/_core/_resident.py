@@ -119,8 +119,9 @@ class Resident:
         self.queued = 0
         # Some pending call applies an outbox row or has effects: its write carries an outbox.
         self.fx = False
-        # Ids of the outbox rows delivered here and not yet applied (a duplicate is dropped).
-        self.deliveries: set[EnvelopeId] | None = None
+        # Ids of the outbox rows delivered here and not yet applied (a duplicate is dropped):
+        # None, one id (the common case, without a set), or a set of two or more.
+        self.deliveries: EnvelopeId | set[EnvelopeId] | None = None
         # Calls that apply outbox rows were put back after a lost write: check the rows first.
         self.recheck = False
         self.error: BaseException | None = None

@@ -219,8 +219,13 @@ class Network:
         keys = [random() for _ in items]
         first: dict[Pair, int] = {}
         repeated: dict[Pair, list[int]] | None = None
-        for i, item in enumerate(items):
-            pair = _pair(item)
+        i = -1
+        for item in items:
+            i += 1
+            if type(item) is ClientCall:
+                pair = item.pair
+            else:  # `_pair`, inlined: one per message
+                pair = (item.sender_type, item.sender_key, item.to_type, item.to_key)  # type: ignore[union-attr]
             j = first.setdefault(pair, i)
             if j != i:
                 if repeated is None:

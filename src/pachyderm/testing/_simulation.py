@@ -66,6 +66,12 @@ class Step(NamedTuple):
     reply_lost: bool = False
 
 
+def _step(entry: tuple[Any, ...]) -> Step:
+    """A history entry ``(ref, message, result, version, delivery id, time, reply_lost)``."""
+    _, message, result, version, sent, at, reply_lost = entry
+    return Step(message, result, version, None if sent is None else sent[:2], at, reply_lost)
+
+
 class _Clock:
     """The world's clock: the loop's virtual time (``wall`` starts at ``EPOCH``)."""
 
@@ -605,12 +611,12 @@ class Simulation:
         """The entity's history as ``Step`` records (version, sender, time, ...)."""
         info, key = self.world._registry.resolve(ref)
         target = (info.name, key)
-        return [Step(*entry[1:]) for entry in self._log if entry[0] == target]
+        return [_step(entry) for entry in self._log if entry[0] == target]
 
     @property
     def trace(self) -> builtins.list[tuple[tuple[str, str], Step]]:
         """Every entity's steps, in the order they happened: ``((type name, key), Step)``."""
-        return [(entry[0], Step(*entry[1:])) for entry in self._log]
+        return [(entry[0], _step(entry)) for entry in self._log]
 
     def states(self) -> dict[tuple[str, str], Any]:
         """Every stored entity's state, by ``(type name, key)``, in a stable order."""
@@ -673,10 +679,11 @@ class Simulation:
         log = self._log
         self.steps_recorded += len(calls)
         if error is None:  # the common case: committed (or failed with nothing to commit)
+            # An entry holds the delivery's id, not a new sender tuple (`_step` makes it).
             for call in calls:
                 delivery = call.delivery
-                sender = None if delivery is None else (delivery.sender_type, delivery.sender_key)
-                log.append((ref, call.message, call.result, call.version, sender, now, False))
+                sent = None if delivery is None else delivery.id
+                log.append((ref, call.message, call.result, call.version, sent, now, False))
             return
         committed = self.backend.crashed.get(ref, False)
         for call in calls:
@@ -687,8 +694,8 @@ class Simulation:
                 continue  # not applied: it is delivered again
             else:
                 result, version = error, None
-            sender = None if delivery is None else (delivery.sender_type, delivery.sender_key)
-            log.append((ref, call.message, result, version, sender, now, committed))
+            sent = None if delivery is None else delivery.id
+            log.append((ref, call.message, result, version, sent, now, committed))
 
     # ------------------------------------------------------------------ driving the loop
 
