@@ -82,6 +82,8 @@ class UntypedCodec:
             items: list[object] = value  # type: ignore[assignment]
             out: list[object] | None = None
             for i, item in enumerate(items):
+                if type(item) in _SCALARS:
+                    continue  # unchanged, without a call
                 new = self._prepare(item)
                 if new is not item:
                     if out is None:
@@ -92,7 +94,10 @@ class UntypedCodec:
             text: str = value.isoformat()  # type: ignore[attr-defined]
             return msgspec.msgpack.Ext(_DATETIME, text.encode())
         if kind is tuple:
-            if all(type(item) in _SCALARS for item in value):  # type: ignore[attr-defined]
+            for item in value:  # type: ignore[attr-defined]
+                if type(item) not in _SCALARS:
+                    break
+            else:  # scalars only: msgspec encodes it as it is (a loop, not all(): no generator)
                 return msgspec.msgpack.Ext(_TUPLE, self._encoder.encode(value))
             inner = [self._prepare(item) for item in value]  # type: ignore[attr-defined]
             return msgspec.msgpack.Ext(_TUPLE, self._encoder.encode(inner))
@@ -101,7 +106,8 @@ class UntypedCodec:
             changed = keys_changed = False
             pairs = []
             for k, v in mapping.items():
-                nk, nv = self._prepare(k), self._prepare(v)
+                nk = k if type(k) in _SCALARS else self._prepare(k)
+                nv = v if type(v) in _SCALARS else self._prepare(v)
                 keys_changed = keys_changed or nk is not k
                 changed = changed or nv is not v
                 pairs.append((nk, nv))

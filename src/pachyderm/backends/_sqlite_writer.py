@@ -436,40 +436,49 @@ class _OutboxOps:
         """Queue the outbox changes of a winning write."""
         world = self.world
         consumes = outbox.consumes
-        me = (w.type_name, w.key)
+        cancels = outbox.cancels
         sent, renamers, names, delta = self.sent, self.renamers, self.names, self.delta
         # A consume of a row that a queued change sends or may delete (by name), or a cancel of
-        # a name that a queued send holds: run what is queued first.
-        taken = (sent or renamers) and any(
-            c.id in sent or (c.id[0], c.id[1]) in renamers for c in consumes
-        )
-        if taken or (names and any((*me, name) in names for name in outbox.cancels)):
+        # a name that a queued send holds: run what is queued first. (Loops, not any(): this
+        # runs once per write.)
+        if sent or renamers:
+            for c in consumes:
+                if c.id in sent or (renamers and (c.id[0], c.id[1]) in renamers):
+                    self.flush()
+                    break
+        if names and cancels and any((w.type_name, w.key, name) in names for name in cancels):
             self.flush()
+        messages = 0  # the change of the count of waiting messages
         for c in consumes:
-            kind = "timers" if c.timer else "messages"
-            delta[kind] -= 1
+            if c.timer:
+                delta["timers"] -= 1
+            else:
+                messages -= 1
             if c.dead is None:
                 self.consumes.append((world, *c.id))
             else:
                 self.buries.append((c.dead, world, *c.id))
                 delta["dead"] += 1
-        if outbox.cancels:
-            self.cancels.extend((world, *me, name) for name in outbox.cancels)
+        if cancels:
+            me = (w.type_name, w.key)
+            self.cancels.extend((world, *me, name) for name in cancels)
             renamers.add(me)
         for e in outbox.sends:
-            sender = (e.sender_type, e.sender_key)
             if e.name is not None:
-                name = (*sender, e.name)
+                name = (e.sender_type, e.sender_key, e.name)
                 if name in names:
                     self.flush()
                 self.replaces.append((world, *name))
                 names.add(name)
-                renamers.add(sender)
-            self.sends.append(
-                (world, *sender, e.version, e.index, e.to_type, e.to_key, e.due, e.name, e.data)
-            )
-            sent.add((*sender, e.version, e.index))
-            delta["timers" if e.due else "messages"] += 1
+                renamers.add((e.sender_type, e.sender_key))
+            self.sends.append((world, *e.id, e.to_type, e.to_key, e.due, e.name, e.data))
+            sent.add(e.id)
+            if e.due:
+                delta["timers"] += 1
+            else:
+                messages += 1
+        if messages:
+            delta["messages"] += messages
         self.changed = True
 
     def flush(self) -> None:
