@@ -66,10 +66,16 @@ class Step(NamedTuple):
     reply_lost: bool = False
 
 
+#: The values of one step in the history's deque (what `_step` reads).
+_ENTRY: Final = 8
+
+
 def _step(entry: tuple[Any, ...]) -> Step:
-    """A history entry ``(ref, message, result, version, delivery id, time, reply_lost)``."""
-    _, message, result, version, sent, at, reply_lost = entry
-    return Step(message, result, version, None if sent is None else sent[:2], at, reply_lost)
+    """A history entry: ``(ref, message, result, version, sender type and key (or two None),
+    time, reply_lost)``; the sender's are two values, not a tuple kept alive per step."""
+    _, message, result, version, sender_type, sender_key, at, reply_lost = entry
+    sender = None if sender_type is None else (sender_type, sender_key)
+    return Step(message, result, version, sender, at, reply_lost)
 
 
 class _Clock:
@@ -288,9 +294,10 @@ class Simulation:
         #: ``_MAX_NOTES`` of them; ``faults_injected`` counts them all.
         self.injected: deque[str] = deque(maxlen=_MAX_NOTES)
         self.faults_injected = 0
-        # Every step, oldest first, as plain tuples (cheap to record); `trace` and `steps` make
-        # `Step`s of them when asked. At most `history` of them (the oldest go first).
-        self._log: deque[tuple[Any, ...]] = deque(maxlen=history)
+        # Every step, oldest first, flat: `_ENTRY` values per step, in one deque (cheap to
+        # record: no object per step for the garbage collector to count and track); `trace` and
+        # `steps` make `Step`s of them when asked. At most `history` steps (the oldest go first).
+        self._log: deque[Any] = deque(maxlen=history * _ENTRY)
         self.steps_recorded = 0
         self._recordings: dict[Recording, None] = {}  # in the order they began: replayable
         self._clients = 0
@@ -611,12 +618,17 @@ class Simulation:
         """The entity's history as ``Step`` records (version, sender, time, ...)."""
         info, key = self.world._registry.resolve(ref)
         target = (info.name, key)
-        return [_step(entry) for entry in self._log if entry[0] == target]
+        return [_step(entry) for entry in self._entries() if entry[0] == target]
 
     @property
     def trace(self) -> builtins.list[tuple[tuple[str, str], Step]]:
         """Every entity's steps, in the order they happened: ``((type name, key), Step)``."""
-        return [(entry[0], _step(entry)) for entry in self._log]
+        return [(entry[0], _step(entry)) for entry in self._entries()]
+
+    def _entries(self) -> Iterator[tuple[Any, ...]]:
+        """The steps recorded, oldest first, as ``_step`` reads them."""
+        values = iter(self._log)
+        return zip(*([values] * _ENTRY), strict=True)
 
     def states(self) -> dict[tuple[str, str], Any]:
         """Every stored entity's state, by ``(type name, key)``, in a stable order."""
@@ -679,11 +691,15 @@ class Simulation:
         log = self._log
         self.steps_recorded += len(calls)
         if error is None:  # the common case: committed (or failed with nothing to commit)
-            # An entry holds the delivery's id, not a new sender tuple (`_step` makes it).
             for call in calls:
                 delivery = call.delivery
-                sent = None if delivery is None else delivery.id
-                log.append((ref, call.message, call.result, call.version, sent, now, False))
+                if delivery is None:
+                    log.extend(
+                        (ref, call.message, call.result, call.version, None, None, now, False)
+                    )
+                else:
+                    st, sk = delivery.sender_type, delivery.sender_key
+                    log.extend((ref, call.message, call.result, call.version, st, sk, now, False))
             return
         committed = self.backend.crashed.get(ref, False)
         for call in calls:
@@ -694,8 +710,10 @@ class Simulation:
                 continue  # not applied: it is delivered again
             else:
                 result, version = error, None
-            sent = None if delivery is None else delivery.id
-            log.append((ref, call.message, result, version, sent, now, committed))
+            sender: tuple[str | None, str | None] = (None, None)
+            if delivery is not None:
+                sender = (delivery.sender_type, delivery.sender_key)
+            log.extend((ref, call.message, result, version, *sender, now, committed))
 
     # ------------------------------------------------------------------ driving the loop
 
