@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -341,3 +342,31 @@ async def test_messages_wait_for_a_receiver_stored_by_a_newer_version() -> None:
     async with pachyderm.World(backend, entities=[Sender, LedgerV2]) as w:  # upgraded
         await quiet(w)
         assert await w.read((LedgerV2, "l")) == ["from the future", "a", "b"]
+
+
+async def test_rows_built_on_the_hot_path_are_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine builds envelopes, consumes and outboxes without their __init__ (for speed):
+    each must still hold every field, equal to the same object built by its constructor."""
+    seen: list[backends.Write] = []
+    original = backends.Memory.commit
+
+    async def commit(self: backends.Memory, writes: Any) -> list[bool]:
+        seen.extend(writes)
+        return await original(self, writes)
+
+    monkeypatch.setattr(backends.Memory, "commit", commit)
+    async with pachyderm.World(backends.Memory(), entities=ALL) as w:
+        await w.activate((Ping, "a"), ("b", 0, 3))
+        await quiet(w)
+    outboxes = [write.outbox for write in seen if write.outbox is not None]
+    assert any(o.sends for o in outboxes) and any(o.consumes for o in outboxes)
+    for outbox in outboxes:
+        assert outbox == backends.Outbox(outbox.sends, outbox.cancels, outbox.consumes)
+        assert type(outbox.sends) is tuple and type(outbox.consumes) is tuple
+        for row in outbox.sends:
+            rebuilt = backends.Envelope(
+                *(getattr(row, f.name) for f in dataclasses.fields(row) if f.init)
+            )
+            assert row == rebuilt and row.id == rebuilt.id
+        for consume in outbox.consumes:
+            assert consume == backends.Consume(consume.id, consume.dead, consume.timer)

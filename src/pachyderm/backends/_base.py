@@ -83,6 +83,9 @@ class Envelope:
     ``name`` (timers only) is unique per sender: storing a row with the name of a stored row of
     the same sender replaces it. Rows are ordered by ``key()``: due time, then sender, then the
     sender's version and index, so the messages of one sender come out in the order it sent them.
+
+    (The engine makes the rows of its activations without ``__init__``, in ``_outbox``, for speed:
+    a new field must be set there too; a test checks that those rows are whole.)
     """
 
     sender_type: str
