@@ -31,7 +31,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -117,7 +117,9 @@ class Dispatcher:
         # Rows such writes consumed, by receiver, with each write's (expected, version):
         # counted after the receiver's reload if the write committed.
         self.doubt_consumed: dict[tuple[str, str], list[tuple[int, int, tuple[Consume, ...]]]] = {}
-        self._counted: dict[EnvelopeId, None] = {}  # dead letters and timers counted, newest last
+        # Dead letters and timers counted, newest last. An OrderedDict: dropping the oldest is
+        # O(1) (a dict's first key is found by skipping every deleted entry before it).
+        self._counted: OrderedDict[EnvelopeId, None] = OrderedDict()
         # In a cluster (set by its node): `remote(envelope)` takes a message that is not for
         # this node to run now (True); `mine(ref)` says whose rows a scan keeps.
         self.remote: Callable[[Envelope], bool] | None = None
@@ -266,7 +268,7 @@ class Dispatcher:
                 continue
             counted[consume.id] = None
             if len(counted) > _COUNTED:
-                del counted[next(iter(counted))]
+                counted.popitem(last=False)
             if consume.dead is not None:
                 self.stats["dead_letters"] += 1
                 log.warning(

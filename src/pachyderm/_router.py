@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -142,7 +142,8 @@ class Router:
         self.outgoing: dict[tuple[str, str], deque[Envelope]] = {}
         self._senders: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.early: dict[int, list[Envelope]] = {}
-        self._sessions: dict[str, _Session] = {}  # remote followers polling here, oldest first
+        # Remote followers polling here, oldest first (an OrderedDict: its first key is O(1)).
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._session_ids = itertools.count(1)
         self.closed = False
         self.stats = {"forwarded": 0, "served": 0, "retries": 0}

@@ -16,6 +16,7 @@ once that transaction committed.
 from __future__ import annotations
 
 import sqlite3
+from collections import OrderedDict
 from typing import Final
 
 from ._base import Write
@@ -58,7 +59,8 @@ class Logs:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.known: dict[tuple[str, str], int] = {}
+        # Oldest first; an OrderedDict, so that dropping the oldest is O(1).
+        self.known: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.fresh: dict[tuple[str, str], int] = {}
         self.next = 1
 
@@ -79,7 +81,7 @@ class Logs:
         known.update(self.fresh)
         self.fresh.clear()
         while len(known) > _KNOWN:
-            del known[next(iter(known))]  # the oldest first
+            known.popitem(last=False)  # the oldest first
 
     def give(self, ref: tuple[str, str]) -> int:
         """A new id for the log of ``ref`` (never given before, in this file)."""
