@@ -359,14 +359,17 @@ async def test_rows_built_on_the_hot_path_are_whole(monkeypatch: pytest.MonkeyPa
         await w.activate((Ping, "a"), ("b", 0, 3))
         await quiet(w)
     outboxes = [write.outbox for write in seen if write.outbox is not None]
-    assert any(o.sends for o in outboxes) and any(o.consumes for o in outboxes)
+    assert any(o.sends for o in outboxes)
+    assert any(o.consumes for o in outboxes)
     for outbox in outboxes:
         assert outbox == backends.Outbox(outbox.sends, outbox.cancels, outbox.consumes)
-        assert type(outbox.sends) is tuple and type(outbox.consumes) is tuple
+        assert type(outbox.sends) is tuple
+        assert type(outbox.consumes) is tuple
         for row in outbox.sends:
             rebuilt = backends.Envelope(
                 *(getattr(row, f.name) for f in dataclasses.fields(row) if f.init)
             )
-            assert row == rebuilt and row.id == rebuilt.id
+            assert row == rebuilt
+            assert row.id == rebuilt.id
         for consume in outbox.consumes:
             assert consume == backends.Consume(consume.id, consume.dead, consume.timer)
