@@ -17,6 +17,7 @@ import pytest
 
 import pachyderm
 from pachyderm import Update, after, backends, send
+from pachyderm._cluster import Node
 from pachyderm._transport import Peer
 from pachyderm.testing import PostgresServer
 
@@ -115,6 +116,13 @@ class Cluster:
         self.worlds.append(world)
         return world
 
+    async def pair(self) -> tuple[pachyderm.World, pachyderm.World]:
+        """Nodes "a" and "b", once they serve every partition between them."""
+        a = await self.node("a")
+        b = await self.node("b")
+        await self.settle(2)
+        return a, b
+
     async def close(self) -> None:
         for world in reversed(self.worlds):
             await world.aclose()
@@ -133,6 +141,12 @@ class Cluster:
             )
 
         await until(done, timeout)
+
+
+def node_of(world: pachyderm.World) -> Node:
+    """The cluster node of a world that listens."""
+    assert world._node is not None
+    return world._node
 
 
 async def until(predicate: Callable[[], Any], seconds: float = 10.0) -> None:
@@ -173,9 +187,7 @@ def keys_on(world: pachyderm.World, count: int) -> list[str]:
 
 
 async def test_calls_work_from_every_node(cluster: Cluster) -> None:
-    a = await cluster.node("a")
-    b = await cluster.node("b")
-    await cluster.settle(2)
+    a, b = await cluster.pair()
     for i in range(20):
         world = (a, b)[i % 2]
         assert await world.activate((Counter, f"k{i % 5}"), "inc") == i // 5 + 1
@@ -188,9 +200,7 @@ async def test_calls_work_from_every_node(cluster: Cluster) -> None:
 
 
 async def test_a_follower_on_another_node_sees_every_version_in_order(cluster: Cluster) -> None:
-    a = await cluster.node("a")
-    b = await cluster.node("b")
-    await cluster.settle(2)
+    a, b = await cluster.pair()
     key = keys_on(a, 1)[0]
     seen: list[tuple[int, int]] = []
 
@@ -244,9 +254,7 @@ async def test_followers_move_with_their_partition_without_gaps_or_repeats(
 
 
 async def test_an_event_stream_on_another_node_reads_every_event(cluster: Cluster) -> None:
-    a = await cluster.node("a")
-    b = await cluster.node("b")
-    await cluster.settle(2)
+    a, b = await cluster.pair()
     key = next(k for k in keys_on(a, 5))
     got: list[tuple[int, Any]] = []
 
@@ -266,13 +274,9 @@ async def test_an_event_stream_on_another_node_reads_every_event(cluster: Cluste
 
 
 async def test_messages_and_timers_cross_nodes_and_apply_once(cluster: Cluster) -> None:
-    a = await cluster.node("a")
-    b = await cluster.node("b")
-    await cluster.settle(2)
+    a, b = await cluster.pair()
     # Senders on a's partitions, ledgers on b's, and the other way around.
-    na, nb = a._node, b._node
-    assert na is not None
-    assert nb is not None
+    na, nb = node_of(a), node_of(b)
     senders = [k for k in (f"s{i}" for i in range(200)) if na.serving(na.partition("Sender", k))]
     ledgers = [k for k in (f"l{i}" for i in range(200)) if nb.serving(nb.partition("Ledger", k))]
     for sender in senders[:5]:
@@ -295,9 +299,7 @@ async def test_messages_and_timers_cross_nodes_and_apply_once(cluster: Cluster) 
 
 
 async def test_a_node_that_leaves_hands_off_and_callers_see_no_error(cluster: Cluster) -> None:
-    a = await cluster.node("a")
-    b = await cluster.node("b")
-    await cluster.settle(2)
+    a, b = await cluster.pair()
     keys = [f"k{i}" for i in range(20)]
     errors: list[BaseException] = []
     counts = dict.fromkeys(keys, 0)
@@ -499,11 +501,8 @@ async def crash(world: pachyderm.World) -> None:
 async def test_after_a_crash_the_outbox_and_timers_of_the_dead_node_go_on(
     cluster: Cluster,
 ) -> None:
-    a = await cluster.node("a")
-    b = await cluster.node("b")
-    await cluster.settle(2)
-    na = a._node
-    assert na is not None
+    a, b = await cluster.pair()
+    na = node_of(a)
     mine = [k for k in (f"x{i}" for i in range(300)) if na.serving(na.partition("Sender", k))]
     ledger = next(k for k in (f"y{i}" for i in range(300)) if na.serving(na.partition("Ledger", k)))
     later = next(k for k in (f"z{i}" for i in range(300)) if na.serving(na.partition("Ledger", k)))
@@ -533,12 +532,8 @@ async def test_after_a_crash_the_outbox_and_timers_of_the_dead_node_go_on(
 async def test_a_node_that_wrongly_believes_it_owns_a_partition_cannot_commit(
     cluster: Cluster,
 ) -> None:
-    a = await cluster.node("a")
-    b = await cluster.node("b")
-    await cluster.settle(2)
-    na, nb = a._node, b._node
-    assert na is not None
-    assert nb is not None
+    a, b = await cluster.pair()
+    na, nb = node_of(a), node_of(b)
     key = keys_on(a, 1)[0]
     p = na.partition("Counter", key)
     assert await a.activate((Counter, key), "inc") == 1
@@ -562,9 +557,7 @@ async def test_a_node_that_wrongly_believes_it_owns_a_partition_cannot_commit(
 
 
 async def test_a_closed_node_takes_no_calls(cluster: Cluster) -> None:
-    a = await cluster.node("a")
-    b = await cluster.node("b")
-    await cluster.settle(2)
+    a, b = await cluster.pair()
     key = keys_on(a, 1)[0]
     await b.aclose()
     with pytest.raises(pachyderm.Unavailable, match="not running"):

@@ -373,3 +373,29 @@ async def test_rows_built_on_the_hot_path_are_whole(monkeypatch: pytest.MonkeyPa
             assert row.id == rebuilt.id
         for consume in outbox.consumes:
             assert consume == backends.Consume(consume.id, consume.dead, consume.timer)
+
+
+def test_the_outbox_of_one_call_is_the_general_one() -> None:
+    """``outbox_of`` has a fast path for one call; it gives what the general path gives."""
+    from pachyderm._core._resident import Call
+    from pachyderm._dispatch import SINK
+    from pachyderm._outbox import outbox_of
+
+    def envelope(index: int, due: float = 0.0) -> backends.Envelope:
+        return backends.Envelope("S", "s", 3, index, "R", "r", due, None, b"m")
+
+    def call(delivery: backends.Envelope | None, effects: Any, result: Any = 1) -> Call:
+        c = Call("message", SINK, None)
+        c.delivery, c.effects, c.result = delivery, effects, result
+        return c
+
+    cases = [
+        call(envelope(0), [envelope(1), envelope(2, due=5.0)]),
+        call(envelope(0, due=9.0), None),  # a timer fired, nothing sent
+        call(envelope(0), None, ValueError("boom")),  # a dead letter
+        call(None, [envelope(1)]),
+        call(None, None),
+    ]
+    for c in cases:
+        idle = call(None, None)
+        assert outbox_of([c]) == outbox_of([c, idle]), c.delivery

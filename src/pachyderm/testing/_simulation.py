@@ -16,7 +16,7 @@ import random
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
 from .._core._resident import Call, Resident
 from .._entity import Entity
@@ -32,6 +32,7 @@ from ..backends._base import Stored, StoredEvent, Write
 from ..backends._memory import Memory
 from ._loop import VirtualLoop
 from ._network import Chooser, ClientCall, Faults, Network
+from ._records import ENTRY, Pending, Recording, Reply, SimulationError, Step, step_of
 
 __all__ = ["Pending", "Recording", "Simulation", "SimulationError", "Step"]
 
@@ -42,40 +43,6 @@ T = TypeVar("T")
 EPOCH: Final = 1_767_225_600.0
 _DAY: Final = 24 * 3600.0
 _MAX_NOTES: Final = 10_000
-
-
-class SimulationError(PachydermError):
-    """A simulation could not finish what it was asked: a call that never ends, a world that
-    never becomes quiet within the bounds, or a simulation used after ``close()``."""
-
-
-class Step(NamedTuple):
-    """One entry of an entity's history: a message and what became of it.
-
-    ``result`` is the new state if it committed (``version`` is then its version), else the
-    error the caller saw (``version`` is None). ``sender`` is ``(type name, key)`` for a message
-    from an entity, or ``None`` for a call; ``time`` is virtual seconds since the start.
-    ``reply_lost`` marks a commit whose caller saw ``Indeterminate`` (a crash after the commit).
-    """
-
-    message: Any
-    result: Any
-    version: int | None
-    sender: tuple[str, str] | None
-    time: float
-    reply_lost: bool = False
-
-
-#: The values of one step in the history's deque (what `_step` reads).
-_ENTRY: Final = 8
-
-
-def _step(entry: tuple[Any, ...]) -> Step:
-    """A history entry: ``(ref, message, result, version, sender type and key (or two None),
-    time, reply_lost)``; the sender's are two values, not a tuple kept alive per step."""
-    _, message, result, version, sender_type, sender_key, at, reply_lost = entry
-    sender = None if sender_type is None else (sender_type, sender_key)
-    return Step(message, result, version, sender, at, reply_lost)
 
 
 class _Clock:
@@ -120,110 +87,6 @@ class _Storage(Memory):
             }
             raise Indeterminate("simulated crash after the commit, before its reply")
         return outcome
-
-
-class _Reply(asyncio.Future[Any]):
-    """A call's future whose error a test may never read: no "never retrieved" log at exit."""
-
-    def set_exception(self, exception: type | BaseException) -> None:
-        super().set_exception(exception)
-        super().exception()  # marks it read: the test reads it with `Pending.result()`, or not
-
-
-class Pending:
-    """The reply to a call submitted with ``Simulation.submit``, once the simulation has run it."""
-
-    __slots__ = ("_future", "ref")
-
-    def __init__(self, future: asyncio.Future[Any], ref: tuple[Any, Any]) -> None:
-        self._future = future
-        self.ref = ref
-
-    def _answer(self, task: asyncio.Future[Any]) -> None:
-        future = self._future
-        if future.done():
-            return  # answered already (the node crashed)
-        if task.cancelled():
-            self._fail(Unavailable("the call was cancelled by a crash of the node"))
-        elif task.exception() is not None:
-            self._fail(task.exception())  # type: ignore[arg-type]
-        else:
-            future.set_result(task.result())
-
-    def _fail(self, error: BaseException) -> None:
-        self._future.set_exception(error)
-
-    def done(self) -> bool:
-        """True once the call is answered (with a state or an error)."""
-        return self._future.done()
-
-    def result(self) -> Any:
-        """The committed new state; raises the call's error, or ``SimulationError`` if not done."""
-        if not self._future.done():
-            raise SimulationError(f"the call to {self.ref!r:.80} is not answered yet: run first")
-        return self._future.result()
-
-    def exception(self) -> BaseException | None:
-        """The call's error, or None if it committed (``SimulationError`` if not done)."""
-        if not self._future.done():
-            raise SimulationError(f"the call to {self.ref!r:.80} is not answered yet: run first")
-        return self._future.exception()
-
-
-class Recording:
-    """What ``Simulation.follow`` (or ``events``) has seen so far: ``items``, in order.
-
-    ``items`` fill as the simulation runs: states (or ``(version, state)``), or for ``events``
-    ``(seq, event)``.
-
-    It follows across ``restart()``: it subscribes again after the last version it saw, so it
-    neither repeats nor misses a committed version that is still available. It keeps every item
-    it saw (a slow follower's skips aside, as for any follower): ``close()`` it when done.
-    """
-
-    def __init__(
-        self,
-        sim: Simulation,
-        ref: tuple[Any, Any],
-        since: int | None,
-        versions: bool,
-        *,
-        events: bool = False,
-    ):
-        self._sim = sim
-        self.ref = ref
-        self._versions = versions
-        self._events = events
-        self.last = since
-        self.items: list[Any] = []
-        self.closed = False
-        self._task: asyncio.Task[None] | None = None
-
-    def _start(self) -> None:
-        self._task = self._sim._loop.create_task(self._follow(self._sim.world))
-
-    async def _follow(self, world: World) -> None:
-        if self._events:  # an event stream: (seq, event), resumed after the last seq seen
-            async for seq, event in world.events(self.ref, since=self.last or 0):
-                self.last = seq
-                self.items.append((seq, event))
-            return
-        async for version, state in world.follow(self.ref, since=self.last, versions=True):
-            self.last = version
-            self.items.append((version, state) if self._versions else state)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(list(self.items))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def close(self) -> None:
-        """Stop following."""
-        self.closed = True
-        if self._task is not None:
-            self._task.cancel()
-        self._sim._recordings.pop(self, None)
 
 
 class Simulation:
@@ -294,10 +157,10 @@ class Simulation:
         #: ``_MAX_NOTES`` of them; ``faults_injected`` counts them all.
         self.injected: deque[str] = deque(maxlen=_MAX_NOTES)
         self.faults_injected = 0
-        # Every step, oldest first, flat: `_ENTRY` values per step, in one deque (cheap to
+        # Every step, oldest first, flat: `ENTRY` values per step, in one deque (cheap to
         # record: no object per step for the garbage collector to count and track); `trace` and
         # `steps` make `Step`s of them when asked. At most `history` steps (the oldest go first).
-        self._log: deque[Any] = deque(maxlen=history * _ENTRY)
+        self._log: deque[Any] = deque(maxlen=history * ENTRY)
         self.steps_recorded = 0
         self._recordings: dict[Recording, None] = {}  # in the order they began: replayable
         self._clients = 0
@@ -427,7 +290,7 @@ class Simulation:
         info, key = self.world._registry.resolve(ref)
         if client is not None and not (isinstance(client, str) and 0 < len(client) <= 200):
             raise InvalidOptions(f"a client name is a str of 1-200 characters; got {client!r:.60}")
-        reply = Pending(_Reply(loop=self._loop), ref)
+        reply = Pending(Reply(loop=self._loop), ref)
         if client is None:
             self._clients += 1
             client = f"#{self._clients}"
@@ -618,17 +481,17 @@ class Simulation:
         """The entity's history as ``Step`` records (version, sender, time, ...)."""
         info, key = self.world._registry.resolve(ref)
         target = (info.name, key)
-        return [_step(entry) for entry in self._entries() if entry[0] == target]
+        return [step_of(entry) for entry in self._entries() if entry[0] == target]
 
     @property
     def trace(self) -> builtins.list[tuple[tuple[str, str], Step]]:
         """Every entity's steps, in the order they happened: ``((type name, key), Step)``."""
-        return [(entry[0], _step(entry)) for entry in self._entries()]
+        return [(entry[0], step_of(entry)) for entry in self._entries()]
 
     def _entries(self) -> Iterator[tuple[Any, ...]]:
-        """The steps recorded, oldest first, as ``_step`` reads them."""
+        """The steps recorded, oldest first, as ``step_of`` reads them."""
         values = iter(self._log)
-        return zip(*([values] * _ENTRY), strict=True)
+        return zip(*([values] * ENTRY), strict=True)
 
     def states(self) -> dict[tuple[str, str], Any]:
         """Every stored entity's state, by ``(type name, key)``, in a stable order."""
