@@ -123,6 +123,13 @@ class Cluster:
         await self.settle(2)
         return a, b
 
+    async def alone(self) -> tuple[pachyderm.World, str, int]:
+        """Node "a" alone, serving every partition, and the host and port it listens on."""
+        a = await self.node("a")
+        await self.settle(1)
+        host, _, port = node_of(a).address.rpartition(":")
+        return a, host, int(port)
+
     async def close(self) -> None:
         for world in reversed(self.worlds):
             await world.aclose()
@@ -395,22 +402,19 @@ async def test_a_rolling_upgrade_from_version_1_to_2(cluster: Cluster) -> None:
 async def test_a_bad_secret_or_a_bad_frame_is_refused_and_the_node_keeps_serving(
     cluster: Cluster,
 ) -> None:
-    a = await cluster.node("a")
-    await cluster.settle(1)
-    assert a._node is not None
-    host, _, port = a._node.address.rpartition(":")
+    a, host, port = await cluster.alone()
     with pytest.raises(pachyderm.Unavailable):
-        await Peer.connect(host, int(port), "not the cluster's secret!", "intruder")
+        await Peer.connect(host, port, "not the cluster's secret!", "intruder")
     # Garbage, then a frame over the limit, on raw connections.
     for payload in (b"\x00\x00\x00\x05hello", (1 << 30).to_bytes(4, "big") + b"x" * 64):
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await asyncio.open_connection(host, port)
         await reader.readexactly(4)  # the server's hello frame header
         writer.write(payload)
         await writer.drain()
         assert await asyncio.wait_for(reader.read(), 12) is not None  # it closes
         writer.close()
     # A peer that knows the secret but sends a malformed request gets an error answer.
-    peer = await Peer.connect(host, int(port), SECRET, "tester")
+    peer = await Peer.connect(host, port, SECRET, "tester")
     with pytest.raises(pachyderm.PachydermError):
         await peer.call("activate", ["Counter"])
     with pytest.raises(pachyderm.PachydermError):
@@ -594,11 +598,8 @@ async def test_event_streams_move_with_their_partition_and_never_skip(cluster: C
 async def test_a_remote_followers_session_keeps_the_versions_between_its_polls(
     cluster: Cluster,
 ) -> None:
-    a = await cluster.node("a")
-    await cluster.settle(1)
-    assert a._node is not None
-    host, _, port = a._node.address.rpartition(":")
-    peer = await Peer.connect(host, int(port), SECRET, "a-remote-follower")
+    a, host, port = await cluster.alone()
+    peer = await Peer.connect(host, port, SECRET, "a-remote-follower")
     try:
         first = await peer.call("follow", ["Counter", "s1", None, 1.0, "f/1"])
         assert [v for v, _ in first] == [0]
