@@ -200,3 +200,38 @@ async def test_a_request_without_an_answer_in_time_gets_no_answer() -> None:
     finally:
         await peer.close()
         await server.close()
+
+
+async def test_a_retired_connection_answers_what_was_sent_then_closes() -> None:
+    server, port = await _server()
+    peer = await Peer.connect("127.0.0.1", port, SECRET, "n1")
+    try:
+        slow = asyncio.ensure_future(peer.call("sleep", 0.3))
+        await asyncio.sleep(0.05)  # the request is running on the server
+        retiring = asyncio.ensure_future(peer.retire())
+        await asyncio.sleep(0)
+        with pytest.raises(pachyderm.Unavailable) as refused:
+            await peer.call("echo", 1)  # retired: not sent at all
+        assert not isinstance(refused.value, ConnectionLost)
+        assert await slow == 0.3  # answered, not cut off
+        await asyncio.wait_for(retiring, 5)
+        await asyncio.wait_for(server.close(grace=30.0), 10)  # the client closed its side
+    finally:
+        await peer.close()
+        await server.close()
+
+
+async def test_a_connection_past_its_handshake_during_close_gets_the_goodbye() -> None:
+    server, port = await _server()
+    connecting = asyncio.ensure_future(Peer.connect("127.0.0.1", port, SECRET, "n1"))
+    while not server.connections:  # accepted, its handshake not done yet
+        await asyncio.sleep(0)
+    closing = asyncio.ensure_future(server.close(grace=30.0))
+    peer = await connecting
+    try:
+        # It is told goodbye, so it closes its side and the server need not wait out its grace.
+        await asyncio.wait_for(closing, 10)
+        assert peer.closed
+    finally:
+        await peer.close()
+        await server.close()

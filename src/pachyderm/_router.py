@@ -141,6 +141,7 @@ class Router:
         self.relays: dict[object, asyncio.Task[None]] = {}
         self.outgoing: dict[tuple[str, str], deque[Envelope]] = {}
         self._senders: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()  # connections closing when answered
         self.early: dict[int, list[Envelope]] = {}
         # Remote followers polling here, oldest first (an OrderedDict: its first key is O(1)).
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
@@ -179,18 +180,23 @@ class Router:
             return peer
 
     async def forget_peers(self, members: set[str]) -> None:
-        """Close the connections to nodes that are no longer members."""
+        """Retire the connections to nodes that are no longer members: nothing new is sent
+        there, and each closes once its calls in flight are answered (a node that left may
+        still be draining the calls it took)."""
         for node_id in [n for n in self.peers if n not in members]:
-            await self.peers.pop(node_id).close()
+            task = asyncio.get_running_loop().create_task(self.peers.pop(node_id).retire())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
             self._locks.pop(node_id, None)
 
     async def close(self) -> None:
         self.closed = True
         for sid in list(self._sessions):
             self._end_session(sid)
-        for task in [*self.relays.values(), *self._senders.values()]:
+        tasks = [*self.relays.values(), *self._senders.values(), *self._retiring]
+        for task in tasks:
             task.cancel()
-        for task in [*self.relays.values(), *self._senders.values()]:
+        for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
         for channel in list(self.relays):

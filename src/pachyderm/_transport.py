@@ -230,6 +230,7 @@ class Server:
         self._framings: dict[asyncio.Task[None], _Framing] = {}
         self.refused = 0
         self._server: asyncio.base_events.Server | None = None
+        self._closing = False
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen; return the address actually bound (``port=0``: a free one)."""
@@ -240,6 +241,7 @@ class Server:
     async def close(self, grace: float = 2.0) -> None:
         """Stop serving. A request whose answer could not be sent within ``grace`` seconds is
         dropped (its client sees ``ConnectionLost``)."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for framing in list(self._framings.values()):
@@ -265,6 +267,8 @@ class Server:
         try:
             peer = await asyncio.wait_for(self._handshake(framing), _HANDSHAKE_TIMEOUT)
             self._framings[task] = framing
+            if self._closing:  # accepted before close() and past the handshake after its goodbye
+                framing.write(_BYE)
             await self._serve(framing, peer)
         except _Left:
             pass
@@ -467,7 +471,20 @@ class Peer:
                     future.set_exception(error)
             await self._framing.close()
 
+    async def retire(self) -> None:
+        """Send nothing more here; close once every request already sent has its answer (or
+        its ``NoAnswer`` at its deadline). A request sent may have run on the peer, so cutting
+        it off would make its caller's outcome unknown. Cancellation closes at once."""
+        self.closed = True
+        try:
+            waiting = [f for f in self._waiting.values() if not f.done()]
+            if waiting:
+                await asyncio.wait(waiting)
+        finally:
+            await self.close()
+
     async def close(self) -> None:
+        """Close now: a request still unanswered fails with ``ConnectionLost``."""
         self.closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
