@@ -32,17 +32,15 @@ from .._errors import Indeterminate, InvalidKey, TooLarge, Unavailable
 from ._base import Consume, Outbox, Write
 from ._sqlite_jobs import COMMIT, Channel, Job, Loop, Outcome, Worker, answer, deliver_all
 from ._sqlite_logs import APPEND, CREATE, VERSION, Logs
+from ._sqlite_rows import CONSUME, INSERT, SEND, run_rows
 from ._sqlite_schema import Database, FileLock, write_transaction
 
 __all__ = ["Stats", "Writer"]
 
+# An entity's row changed from its expected version (one statement per row: `_sqlite_rows`).
 _UPDATE: Final = (
     "UPDATE entities SET version = ?, type_version = ?, state = ?, snapshot = NULL"
     " WHERE world = ? AND type = ? AND key = ? AND version = ?"
-)
-_INSERT: Final = (
-    "INSERT INTO entities (world, type, key, version, type_version, state)"
-    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 # The rows of the slow path: a whole row (of a state write, or of an event write with a snapshot,
 # the last one of the transaction). An existing row keeps its log (`_sqlite_logs`).
@@ -60,10 +58,6 @@ _PUT_RECEIPT: Final = (
 _PRUNE: Final = "DELETE FROM receipts WHERE world = ? AND at < ?"
 # The outbox. A row is waiting while `dead` is NULL; only waiting rows are consumed, cancelled or
 # replaced (and only they hold their name in the unique index `outbox_by_name`).
-_CONSUME: Final = (
-    "DELETE FROM outbox WHERE world = ? AND sender_type = ? AND sender_key = ? AND version = ?"
-    " AND idx = ? AND dead IS NULL"
-)
 _BURY: Final = (
     "UPDATE outbox SET dead = ? WHERE world = ? AND sender_type = ? AND sender_key = ?"
     " AND version = ? AND idx = ? AND dead IS NULL"
@@ -75,10 +69,6 @@ _WAITING: Final = (
 _CANCEL: Final = (
     "DELETE FROM outbox WHERE world = ? AND sender_type = ? AND sender_key = ? AND name = ?"
     " AND dead IS NULL"
-)
-_SEND: Final = (
-    "INSERT INTO outbox (world, sender_type, sender_key, version, idx, to_type, to_key, due,"
-    " name, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 # SQLite's primary result codes that matter here (extended codes carry them in the low byte).
@@ -263,7 +253,7 @@ class Writer(Worker):
         if updates:
             changed += conn.executemany(_UPDATE, updates).rowcount
         if inserts:
-            changed += conn.executemany(_INSERT, inserts).rowcount
+            changed += run_rows(conn, INSERT, inserts)
         if checks:
             stored = self.versions(conn, checks)
             changed += sum(stored.get((w.type_name, w.key), 0) == w.expected for w in checks)
@@ -487,7 +477,7 @@ class _OutboxOps:
         if self.consumes or self.buries:
             hit = 0
             if self.consumes:
-                hit += conn.executemany(_CONSUME, self.consumes).rowcount
+                hit += run_rows(conn, CONSUME, self.consumes)
             if self.buries:
                 hit += conn.executemany(_BURY, self.buries).rowcount
             self.missed += len(self.consumes) + len(self.buries) - hit
@@ -501,7 +491,7 @@ class _OutboxOps:
             self.delta["timers"] -= conn.executemany(_CANCEL, self.replaces).rowcount
             self.replaces = []
         if self.sends:
-            conn.executemany(_SEND, self.sends)
+            run_rows(conn, SEND, self.sends)
             self.sends = []
         self.sent.clear()
         self.renamers.clear()
