@@ -158,19 +158,24 @@ async def test_a_closed_server_fails_its_callers_at_once() -> None:
         await Peer.connect("127.0.0.1", port, SECRET, "n1", timeout=2)
 
 
-async def test_a_closing_server_answers_what_was_sent_and_takes_nothing_new() -> None:
+@pytest.mark.parametrize("side", ["the server closes", "the client retires"])
+async def test_a_closing_connection_answers_what_was_sent_and_takes_nothing_new(side: str) -> None:
     server, port = await _server()
     peer = await Peer.connect("127.0.0.1", port, SECRET, "n1")
     try:
         slow = asyncio.ensure_future(peer.call("sleep", 0.3))
         await asyncio.sleep(0.05)  # the request is running on the server
-        closing = asyncio.ensure_future(server.close(grace=5.0))
+        if side == "the server closes":
+            closing = asyncio.ensure_future(server.close(grace=30.0))
+        else:
+            closing = asyncio.ensure_future(peer.retire())
         assert await slow == 0.3  # answered, not cut off
         with pytest.raises(pachyderm.Unavailable) as refused:
-            await peer.call("echo", 1)  # after the goodbye: not sent at all
+            await peer.call("echo", 1)  # after the goodbye or the retirement: not sent at all
         assert not isinstance(refused.value, ConnectionLost)
-        await asyncio.wait_for(closing, 5)  # the client closed its side: no need to wait more
+        await asyncio.wait_for(closing, 10)  # the client closed its side: no need to wait more
         assert peer.closed
+        await asyncio.wait_for(server.close(grace=30.0), 10)
     finally:
         await peer.close()
         await server.close()
@@ -197,25 +202,6 @@ async def test_a_request_without_an_answer_in_time_gets_no_answer() -> None:
         with pytest.raises(NoAnswer):  # a Timeout: it may still run there
             await peer.call("sleep", 1.0, timeout=0.2)
         assert await peer.call("echo", 2) == 2  # the connection is still good
-    finally:
-        await peer.close()
-        await server.close()
-
-
-async def test_a_retired_connection_answers_what_was_sent_then_closes() -> None:
-    server, port = await _server()
-    peer = await Peer.connect("127.0.0.1", port, SECRET, "n1")
-    try:
-        slow = asyncio.ensure_future(peer.call("sleep", 0.3))
-        await asyncio.sleep(0.05)  # the request is running on the server
-        retiring = asyncio.ensure_future(peer.retire())
-        await asyncio.sleep(0)
-        with pytest.raises(pachyderm.Unavailable) as refused:
-            await peer.call("echo", 1)  # retired: not sent at all
-        assert not isinstance(refused.value, ConnectionLost)
-        assert await slow == 0.3  # answered, not cut off
-        await asyncio.wait_for(retiring, 5)
-        await asyncio.wait_for(server.close(grace=30.0), 10)  # the client closed its side
     finally:
         await peer.close()
         await server.close()
