@@ -347,18 +347,18 @@ async def test_messages_wait_for_a_receiver_stored_by_a_newer_version() -> None:
 async def test_rows_built_on_the_hot_path_are_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine builds envelopes, consumes and outboxes without their __init__ (for speed):
     each must still hold every field, equal to the same object built by its constructor."""
-    seen: list[backends.Write] = []
+    outboxes: list[backends.Outbox] = []
     original = backends.Memory.commit
 
     async def commit(self: backends.Memory, writes: Any) -> list[bool]:
-        seen.extend(writes)
+        # What it keeps, it takes now: the world reuses a write once its commit is done.
+        outboxes.extend(write.outbox for write in writes if write.outbox is not None)
         return await original(self, writes)
 
     monkeypatch.setattr(backends.Memory, "commit", commit)
     async with pachyderm.World(backends.Memory(), entities=ALL) as w:
         await w.activate((Ping, "a"), ("b", 0, 3))
         await quiet(w)
-    outboxes = [write.outbox for write in seen if write.outbox is not None]
     assert any(o.sends for o in outboxes)
     assert any(o.consumes for o in outboxes)
     for outbox in outboxes:
@@ -373,6 +373,44 @@ async def test_rows_built_on_the_hot_path_are_whole(monkeypatch: pytest.MonkeyPa
             assert row.id == rebuilt.id
         for consume in outbox.consumes:
             assert consume == backends.Consume(consume.id, consume.dead, consume.timer)
+
+
+class Keeps(backends.Memory):
+    """A backend that keeps every write it was given (as a log would)."""
+
+    keeps_writes = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[tuple[backends.Write, tuple[str, int, int]]] = []
+
+    async def commit(self, writes: Any) -> list[bool]:
+        self.kept.extend((w, (w.key, w.expected, w.version)) for w in writes)
+        return await super().commit(writes)
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+async def test_writes_are_reused_only_for_a_backend_that_keeps_none(keeps: bool) -> None:
+    backend = type("KeepsOrNot", (Keeps,), {"keeps_writes": keeps})()
+    async with pachyderm.World(backend, entities=ALL) as w:
+        await w.activate((Ping, "a"), ("b", 0, 5))
+        await quiet(w)
+        spare = w._engine._spare_writes
+    assert len(backend.kept) == 6  # a, b, a, b, a, b: one write per commit
+    ids = {id(write) for write, _ in backend.kept}
+    if keeps:
+        # Each write as it was given: a new object every time, none changed afterwards.
+        assert len(ids) == 6
+        assert all((wr.key, wr.expected, wr.version) == seen for wr, seen in backend.kept)
+        assert spare is None
+    else:
+        # A write whose commit is done serves the next one; kept spare, it holds none of its
+        # rows (its state, outbox rows, events or receipts).
+        assert len(ids) < 6
+        assert spare
+        assert {id(write) for write in spare} <= ids
+        assert all(wr.data == b"" and wr.outbox is None and wr.events is None for wr in spare)
+        assert all(wr.receipts == () and wr.fence is None for wr in spare)
 
 
 def test_the_outbox_of_one_call_is_the_general_one() -> None:

@@ -56,7 +56,8 @@ class Engine:
 
     Mutable state, touched only on the event loop: ``residents`` and ``order`` (the CLOCK
     hand), ``ready`` (entities with work for the runner), ``to_load``, ``channels`` (followers
-    by entity), ``commits`` (commit tasks in flight), ``stats``.
+    by entity), ``commits`` (commit tasks in flight), ``_spare_writes`` (writes whose commit is
+    done, for reuse), ``stats``.
     """
 
     def __init__(
@@ -76,6 +77,10 @@ class Engine:
         # Readers of the event streams of event-sourced entities, the same way.
         self.event_channels: dict[tuple[str, str], dict[EventChannel, None]] = {}
         self.commits: set[asyncio.Task[None]] = set()
+        # Writes whose commit is done, for the runner's next ones; None when the backend may
+        # still read a write after its commit returned (`Backend.keeps_writes`).
+        self._spare_writes: list[Write] | None = None if backend.keeps_writes else []
+        self._spare_most = 2 * options.max_batch
         self.stats = {
             "activations": 0,
             "failures": 0,
@@ -218,6 +223,7 @@ class Engine:
         run_batch = self._run_batch
         new_write = Write.__new__
         fence_of = self.fence_of
+        spare = self._spare_writes
         while True:
             if not ready:
                 self.run_waiter = self.loop.create_future()
@@ -274,8 +280,9 @@ class Engine:
                         self.disown(resident, _moved())
                         continue
                 resident.inflight = pending
-                # `Write(...)` without the cost of the dataclass's Python __init__ frame.
-                write = new_write(Write)
+                # A spare write whose commit is done (one object less for the garbage collector
+                # per activation), else `Write(...)` without its Python __init__ frame.
+                write = spare.pop() if spare else new_write(Write)
                 write.type_name = info.name
                 write.key = resident.key
                 write.expected = resident.version
@@ -607,6 +614,15 @@ class Engine:
                 schedule(resident)
             if held and resident.ref in held:
                 dispatcher.flush(resident)
+        spare = self._spare_writes
+        if spare is not None and len(spare) < self._spare_most:
+            # Nothing reads these writes any more (the backend keeps none: `keeps_writes`):
+            # the runner gives them to the next ones, holding none of their rows meanwhile.
+            for write in writes:
+                write.data = b""
+                write.receipts = ()
+                write.outbox = write.events = write.fence = None
+            spare.extend(writes)
 
     @staticmethod
     def _notify(channels: dict[Channel, None], calls: list[Call]) -> None:

@@ -208,6 +208,12 @@ class Backend(abc.ABC):
     #: type may store its states with pickle (``World`` refuses it), since whoever can write to
     #: the database could make this process run code.
     networked: ClassVar[bool] = False
+    #: Whether the backend may still read a ``Write`` after its ``commit`` call returned or
+    #: raised (it keeps the object, or a thread still works on it). When ``False``, the world
+    #: gives each entity's next write the same ``Write`` object, with every field set again:
+    #: one object less for the garbage collector per activation. ``True``, the safe default for
+    #: a backend of one's own, makes a new ``Write`` every time.
+    keeps_writes: ClassVar[bool] = True
 
     @abc.abstractmethod
     async def open(self, world: str) -> None:
@@ -236,6 +242,8 @@ class Backend(abc.ABC):
         Returns one flag per write: ``True`` committed, ``False`` lost (the stored version was
         not ``expected``; nothing of that write was applied). At most one write per entity.
         When this returns, the committed writes are durable (to the backend's documented level).
+        A backend whose ``keeps_writes`` is ``False`` reads no ``Write`` after this returns or
+        raises: the world reuses them.
 
         Raises:
             Unavailable: nothing was committed (for example the disk is full).

@@ -83,6 +83,7 @@ class Memory(Backend):
 
     scope: ClassVar[str] = "one process"
     durable: ClassVar[bool] = False
+    keeps_writes: ClassVar[bool] = False  # rows are copied into tuples
 
     def __init__(self) -> None:
         self._spaces: dict[str, _Space] = {}

@@ -126,6 +126,7 @@ class SQLite(Backend):
 
     scope: ClassVar[str] = "one machine"
     durable: ClassVar[bool] = True
+    keeps_writes: ClassVar[bool] = False  # the writer is done with a request before its answer
 
     def __init__(
         self,
