@@ -210,9 +210,9 @@ class Backend(abc.ABC):
     networked: ClassVar[bool] = False
     #: Whether the backend may still read a ``Write`` after its ``commit`` call returned or
     #: raised (it keeps the object, or a thread still works on it). When ``False``, the world
-    #: gives each entity's next write the same ``Write`` object, with every field set again:
-    #: one object less for the garbage collector per activation. ``True``, the safe default for
-    #: a backend of one's own, makes a new ``Write`` every time.
+    #: gives the ``Write`` objects of a commit that returned to later writes, with every field
+    #: set again: one object less for the garbage collector per activation. ``True``, the safe
+    #: default for a backend of one's own, makes a new ``Write`` every time.
     keeps_writes: ClassVar[bool] = True
 
     @abc.abstractmethod
