@@ -612,3 +612,22 @@ async def test_a_remote_followers_session_keeps_the_versions_between_its_polls(
         assert [v for v, _ in other] == [5]
     finally:
         await peer.close()
+
+
+async def test_remote_follower_sessions_expire_least_recently_polled_first(
+    cluster: Cluster,
+) -> None:
+    a, host, port = await cluster.alone()
+    peer = await Peer.connect(host, port, SECRET, "a-remote-follower")
+    try:
+        for sid in ("f/1", "f/2", "f/3"):
+            await peer.call("follow", ["Counter", "s2", None, 0.01, sid])
+        await peer.call("follow", ["Counter", "s2", 0, 0.01, "f/1"])  # f/1 polled again
+        router = node_of(a).router
+        sessions = router._sessions
+        assert list(sessions) == ["f/2", "f/3", "f/1"]
+        sessions["f/2"].used -= 1000.0  # f/2 stopped polling long ago
+        router.expire_sessions(node_of(a).clock.monotonic())
+        assert list(sessions) == ["f/3", "f/1"]
+    finally:
+        await peer.close()

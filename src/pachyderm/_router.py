@@ -143,7 +143,8 @@ class Router:
         self._senders: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._retiring: set[asyncio.Task[None]] = set()  # connections closing when answered
         self.early: dict[int, list[Envelope]] = {}
-        # Remote followers polling here, oldest first (an OrderedDict: its first key is O(1)).
+        # Remote followers polling here, least recently polled first (an OrderedDict: its first
+        # key is O(1), and a poll moves its session to the end).
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._session_ids = itertools.count(1)
         self.closed = False
@@ -596,6 +597,8 @@ class Router:
                 self._end_session(next(iter(self._sessions)))  # the oldest
         channel = session.channel
         session.busy = True
+        session.used = now
+        self._sessions.move_to_end(sid)
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(channel.wait(), min(self._timeout(wait), _POLL))
@@ -611,6 +614,8 @@ class Router:
         if items:
             session.last = items[-1][0]
         session.used = self.node.clock.monotonic()
+        if self._sessions.get(sid) is session:
+            self._sessions.move_to_end(sid)  # least recently polled first: expiry stops early
         return items
 
     def _end_session(self, sid: str) -> None:
@@ -620,10 +625,16 @@ class Router:
             session.channel.close()
 
     def expire_sessions(self, now: float) -> None:
-        """End the follow sessions of remote followers that stopped polling."""
-        for sid in [
-            s for s, x in self._sessions.items() if not x.busy and x.used < now - 3 * _POLL
-        ]:
+        """End the follow sessions of remote followers that stopped polling.
+
+        Sessions are kept least recently polled first, so this looks at the expired ones and
+        one more, not at every session (it runs on every poll)."""
+        sessions = self._sessions
+        stale = now - 3 * _POLL
+        while sessions:
+            sid, session = next(iter(sessions.items()))
+            if session.busy or session.used >= stale:
+                return
             self._end_session(sid)
 
     async def _serve_events(self, body: Any) -> int:
