@@ -219,13 +219,8 @@ class Network:
         keys = [random() for _ in items]
         first: dict[Pair, int] = {}
         repeated: dict[Pair, list[int]] | None = None
-        i = -1
-        for item in items:
-            i += 1
-            if type(item) is ClientCall:
-                pair = item.pair
-            else:  # `_pair`, inlined: one per message
-                pair = (item.sender_type, item.sender_key, item.to_type, item.to_key)  # type: ignore[union-attr]
+        for i, item in enumerate(items):
+            pair = _pair(item)
             j = first.setdefault(pair, i)
             if j != i:
                 if repeated is None:
