@@ -281,3 +281,12 @@ def test_a_pickling_type_is_refused_on_a_networked_backend() -> None:
         pachyderm.World(backend, entities=[Counter, Pickled])
     pachyderm.World(backend, entities=[Counter])  # the others are fine
     pachyderm.World(backends.Memory(), entities=[Pickled])  # and local storage may pickle
+
+    class SharedMemory(backends.Memory):
+        """Local storage that says it can hold leases (not networked): a node would take it."""
+
+        def claim(self) -> None: ...
+
+    with pytest.raises(pachyderm.InvalidOptions, match="a cluster node reads states over"):
+        # A node also receives states from other nodes: no pickling type, whatever the backend.
+        pachyderm.World(SharedMemory(), entities=[Pickled], listen="127.0.0.1:0", secret="s" * 32)

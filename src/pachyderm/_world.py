@@ -77,11 +77,14 @@ class World:
         self.name = name
         self.options = WorldOptions.build(options, overrides)
         self._registry = Registry(entities)
-        if backend.networked:
+        # A networked backend reads states over the network; a cluster node also gets states
+        # from other nodes over its transport. Pickle is never used on bytes from the network.
+        if backend.networked or listen is not None:
             pickled = [info.name for info in self._registry if isinstance(info.codec, PickleCodec)]
             if pickled:
+                where = "a cluster node" if listen is not None else type(backend).__name__
                 raise InvalidOptions(
-                    f"{type(backend).__name__} reads states over the network, and pickle is never "
+                    f"{where} reads states over the network, and pickle is never "
                     f"used on bytes from the network: {', '.join(pickled)} set pickle = True "
                     "(declare a state_type instead)"
                 )
