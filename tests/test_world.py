@@ -234,6 +234,15 @@ async def test_bad_refs_and_types() -> None:
             await w.activate([Counter, "a"], 1)  # type: ignore[arg-type]
         with pytest.raises(pachyderm.InvalidKey):
             await w.activate((Counter, "a", "b"), 1)  # type: ignore[arg-type]
+        # An unhashable "type" is a named error too, on every entry point.
+        unhashable: Any = ([Counter], "a")
+        with pytest.raises(pachyderm.UnknownEntityType):
+            await w.activate(unhashable, 1)
+        with pytest.raises(pachyderm.UnknownEntityType):
+            await w.read(unhashable)
+        with pytest.raises(pachyderm.UnknownEntityType):
+            async for _ in w.follow(unhashable):
+                pass
 
 
 def test_type_registration_is_checked() -> None:

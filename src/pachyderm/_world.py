@@ -224,7 +224,10 @@ class World:
         forwarded call may still run on the owner.
         """
         # The hot path: every step below is inlined on purpose (this runs once per activation).
-        info = self._types.get(ref[0]) if type(ref) is tuple and len(ref) == 2 else None
+        try:
+            info = self._types.get(ref[0]) if type(ref) is tuple and len(ref) == 2 else None
+        except TypeError:  # an unhashable type: `resolve` names the error
+            info = None
         key = ref[1] if info is not None else None
         if (
             info is None
