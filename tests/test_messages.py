@@ -428,10 +428,10 @@ def test_the_outbox_of_one_call_is_the_general_one() -> None:
         return c
 
     cases = [
-        call(envelope(0), [envelope(1), envelope(2, due=5.0)]),
+        call(envelope(0), (envelope(1), envelope(2, due=5.0))),
         call(envelope(0, due=9.0), None),  # a timer fired, nothing sent
         call(envelope(0), None, ValueError("boom")),  # a dead letter
-        call(None, [envelope(1)]),
+        call(None, (envelope(1),)),
         call(None, None),
     ]
     for c in cases:

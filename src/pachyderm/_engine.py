@@ -231,6 +231,7 @@ class Engine:
                 continue
             writes: list[Write] = []
             owners: list[Resident] = []
+            ran = 0  # activations run this turn, counted once per turn
             # At most `max_batch` entities per turn: their write goes to the backend, which can
             # start committing while the next turn runs (a pipeline, not one big batch per wave).
             for _ in range(min(len(ready), max_batch)):
@@ -248,7 +249,7 @@ class Engine:
                         self.schedule(resident)  # used its turn budget: back of the line
                     try:
                         if resident.info.events is None:
-                            run_batch(resident, batch)
+                            ran += run_batch(resident, batch)
                         else:
                             run_events(self, resident, batch)
                     except Exception as exc:  # an engine bug: fail these calls, keep serving
@@ -300,6 +301,7 @@ class Engine:
                     event_write(write, info, pending)
                 writes.append(write)
                 owners.append(resident)
+            self.stats["activations"] += ran
             if writes:
                 self._send(writes, owners)
             # Let callers run and fill the mailboxes before the next turn.
@@ -314,8 +316,10 @@ class Engine:
             if c.idempotency_key is not None and c.version is not None and c.data is not None
         )
 
-    def _run_batch(self, resident: Resident, batch: list[Call]) -> None:
+    def _run_batch(self, resident: Resident, batch: list[Call]) -> int:
         """Run calls of one entity on its tip state; each lands in ``pending`` with its result.
+
+        Returns how many ran to a new state (the runner counts them in ``stats``).
 
         A plain (``def``) handler runs to completion here: it cannot be interrupted, so keep it
         short; ``activation_timeout`` bounds ``async def`` handlers (see ``_finish_async``).
@@ -323,7 +327,7 @@ class Engine:
         info = resident.info
         if resident.error is not None:  # it cannot run here (e.g. a newer stored version)
             self.refuse_batch(resident, batch)
-            return
+            return 0
         decode = info.codec.decode
         encode_scalar = info.encode_scalar
         cls = info.cls
@@ -395,7 +399,7 @@ class Engine:
                 pending.append(call)
         resident.pending = batch if pending is None else pending
         resident.tip_version, resident.tip_data, resident.tip_obj = tip, tip_data, tip_obj
-        self.stats["activations"] += tip - first
+        return tip - first
 
     def refuse_batch(self, resident: Resident, batch: list[Call]) -> None:
         batch = list(batch)

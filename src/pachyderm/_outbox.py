@@ -27,8 +27,10 @@ new_outbox = Outbox.__new__
 
 def effects_of(
     engine: Engine, resident: Resident, effects: tuple[object, ...], version: int
-) -> list[Envelope | str] | None:
+) -> tuple[Envelope | str, ...] | None:
     """Check an activation's effects; return its outbox rows and cancelled timer names.
+
+    A tuple: when they are all rows, it is the write's ``Outbox.sends`` as it is (no copy).
 
     Raises the named error of the first bad effect (the activation then fails whole).
     """
@@ -91,7 +93,7 @@ def effects_of(
         row.data = data
         row.id = (sender_type, key, version, index)
         out.append(row)
-    return out
+    return tuple(out)
 
 
 def outbox_of(calls: list[Call]) -> Outbox | None:
@@ -142,7 +144,7 @@ def _outbox_of_one(call: Call) -> Outbox | None:
         for effect in effects:
             if type(effect) is str or effect.name is not None:  # type: ignore[union-attr]
                 return None
-        sends: tuple[Envelope, ...] = tuple(effects)  # type: ignore[arg-type]
+        sends: tuple[Envelope, ...] = effects  # type: ignore[assignment]
     else:
         sends = ()
     delivery = call.delivery

@@ -46,7 +46,7 @@ class Call:
         # The outbox row this call applies (a message from an entity or a timer), else None.
         self.delivery: Envelope | None = None
         # Once run: its effects, in order (outbox rows, and names of timers it cancels).
-        self.effects: list[Envelope | str] | None = None
+        self.effects: tuple[Envelope | str, ...] | None = None
         # Once run by an event-sourced entity: its encoded events (None: none).
         self.events: tuple[bytes, ...] | None = None
         # `data` and `result` are set when it runs, before anything reads them.
