@@ -205,10 +205,12 @@ class Engine:
         if resident.scheduled:
             return
         resident.scheduled = True
-        self.ready.append(resident)
-        waiter = self.run_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        ready = self.ready
+        if not ready:  # the runner waits only when nothing is ready
+            waiter = self.run_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        ready.append(resident)
 
     async def _run(self) -> None:
         """The runner: executes ready entities and sends their writes, turn after turn.

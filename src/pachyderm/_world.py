@@ -224,17 +224,20 @@ class World:
         forwarded call may still run on the owner.
         """
         # The hot path: every step below is inlined on purpose (this runs once per activation).
-        try:
-            info = self._types.get(ref[0]) if type(ref) is tuple and len(ref) == 2 else None
-        except TypeError:  # an unhashable type: `resolve` names the error
-            info = None
-        key = ref[1] if info is not None else None
+        info = None
+        if type(ref) is tuple:
+            try:
+                cls, key = ref
+                info = self._types.get(cls)
+            except (TypeError, ValueError):  # not a pair, or an unhashable type
+                pass  # `resolve` names the error
         if (
             info is None
             or info.custom_key
             or type(key) is not str
             or not key.isascii()  # ASCII: no surrogate, and length in chars = in bytes
-            or not 0 < len(key) <= MAX_KEY_BYTES
+            or not key
+            or len(key) > MAX_KEY_BYTES
             or "\x00" in key
         ):
             info, key = self._registry.resolve(ref)
@@ -335,10 +338,12 @@ class World:
         if not resident.scheduled and resident.phase == READY:
             # Inlined `engine.schedule`: the runner takes it on its next turn.
             resident.scheduled = True
-            self._ready.append(resident)
-            waiter = self._engine.run_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            ready = self._ready
+            if not ready:  # only then can the runner be waiting
+                waiter = self._engine.run_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            ready.append(resident)
         return resident, call
 
     async def read(self, ref: tuple[type[Entity], Any]) -> Any:
