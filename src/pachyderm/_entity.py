@@ -307,20 +307,21 @@ class Registry:
 
     def resolve(self, ref: object) -> tuple[EntityInfo, str]:
         """Check a ref ``(EntityType, key)``; return its type and normalised key. No I/O."""
-        if type(ref) is tuple and len(ref) == 2:
+        if type(ref) is tuple:
             # The common case first: a plain ASCII key of a type without `key()`, which needs
             # none of `validate_key`'s work (no surrogate, and chars are bytes).
-            cls, raw = ref
             try:
+                cls, raw = ref
                 info = self._by_class.get(cls)
-            except TypeError:
+            except (TypeError, ValueError):  # not a pair, or an unhashable type
                 info = None
             if (
                 info is not None
                 and not info.custom_key
                 and type(raw) is str
                 and raw.isascii()
-                and 0 < len(raw) <= MAX_KEY_BYTES
+                and raw
+                and len(raw) <= MAX_KEY_BYTES
                 and "\x00" not in raw
             ):
                 return info, raw
