@@ -81,7 +81,7 @@ class Chooser(Protocol):
 class ClientCall:
     """A call a test submitted: delivered like a message, then run by ``World.activate``."""
 
-    __slots__ = ("idempotency_key", "message", "pair", "ref", "reply", "timeout")
+    __slots__ = ("idempotency_key", "message", "pair", "ref", "reply", "timeout", "to_key")
 
     def __init__(
         self,
@@ -97,6 +97,7 @@ class ClientCall:
         self.timeout = timeout
         self.reply = reply  # the test's `Pending`
         self.pair: Pair = ("client", "", "", "")  # set when submitted
+        self.to_key = ""  # the receiver's key, as an envelope has it (set when submitted)
 
 
 Item = Envelope | ClientCall
@@ -142,6 +143,7 @@ class Network:
 
     def submit(self, client: str, to: tuple[str, str], call: ClientCall) -> None:
         call.pair = ("client", client, *to)
+        call.to_key = to[1]
         self.arrived.append(call)
 
     def _queue(self, pair: Pair, item: Item) -> None:
@@ -217,19 +219,25 @@ class Network:
         items, self.arrived = self.arrived, []
         random = self.rng.random
         keys = [random() for _ in items]
-        first: dict[Pair, int] = {}
-        repeated: dict[Pair, list[int]] | None = None
+        # A pair can repeat only where a receiver's key does: those are found first, by the key
+        # alone (a str, whose hash is kept), and pairs are made for their items only.
+        first: dict[str, int] = {}
+        shared: set[str] | None = None
         for i, item in enumerate(items):
-            pair = _pair(item)
-            j = first.setdefault(pair, i)
-            if j != i:
-                if repeated is None:
-                    repeated = {}
-                repeated.setdefault(pair, [j]).append(i)
-        if repeated:
-            for indexes in repeated.values():
-                for i, key in zip(indexes, sorted(keys[i] for i in indexes), strict=True):
-                    keys[i] = key
+            to_key = item.to_key
+            if first.setdefault(to_key, i) != i:
+                if shared is None:
+                    shared = set()
+                shared.add(to_key)
+        if shared:
+            by_pair: dict[Pair, list[int]] = {}
+            for i, item in enumerate(items):
+                if item.to_key in shared:
+                    by_pair.setdefault(_pair(item), []).append(i)
+            for indexes in by_pair.values():
+                if len(indexes) > 1:
+                    for i, key in zip(indexes, sorted(keys[i] for i in indexes), strict=True):
+                        keys[i] = key
         deliver, call = self.deliver, self.call
         for i in sorted(range(len(items)), key=keys.__getitem__):
             item = items[i]
