@@ -136,6 +136,11 @@ async def test_ping_pong_counts_match(make_backend: MakeBackend) -> None:
         (send((Ledger, ""), "x"), pachyderm.InvalidKey),
         (send((Ledger, 7), "x"), pachyderm.InvalidKey),
         (send((int, "k"), "x"), pachyderm.UnknownEntityType),
+        (send(([Ledger], "k"), "x"), pachyderm.UnknownEntityType),  # unhashable
+        (send([Ledger, "k"], "x"), pachyderm.InvalidKey),  # not a tuple
+        (send((Ledger, "k", "j"), "x"), pachyderm.InvalidKey),
+        (send((Ledger, "k\x00"), "x"), pachyderm.InvalidKey),
+        (send((Ledger, "k" * 1025), "x"), pachyderm.InvalidKey),
         (send((Ledger, "k"), object()), pachyderm.SerializationError),
         (send((Ledger, "k"), "x" * 300_000), pachyderm.TooLarge),
         ("not an effect", pachyderm.ActivationFailed),

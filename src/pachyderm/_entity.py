@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -272,7 +272,7 @@ class Registry:
     """The entity types of one world, by class and by stored name."""
 
     # Mutable state: `_by_class` and `_by_name`, filled once by the constructor; read-only after.
-    __slots__ = ("_by_class", "_by_name")
+    __slots__ = ("_by_class", "_by_name", "by_class")
 
     def __init__(self, types: Iterable[type[Entity]]) -> None:
         self._by_class: dict[type[Entity], EntityInfo] = {}
@@ -287,6 +287,8 @@ class Registry:
                 )
             self._by_class[cls] = info
             self._by_name[info.name] = info
+        #: The types by class, for the hot paths that check refs inline (read only).
+        self.by_class: Mapping[type[Entity], EntityInfo] = self._by_class
 
     def __iter__(self) -> Any:
         return iter(self._by_class.values())

@@ -98,7 +98,7 @@ class World:
         self._open = False
         self._closed = False
         self._serving = False  # open and not closed: the one flag the hot path reads
-        self._types = {info.cls: info for info in self._registry}
+        self._types = self._registry.by_class
         self._mailbox_size = self.options.mailbox_size
         self._clock = self._engine.clock
         self._residents = self._engine.residents
