@@ -245,6 +245,35 @@ async def test_bad_refs_and_types() -> None:
                 pass
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"timeout": "soon"},
+        {"timeout": math.nan},
+        {"timeout": math.inf},
+        {"timeout": -1},
+        {"timeout": 0},
+        {"timeout": True},
+        {"idempotency_key": 7},
+        {"idempotency_key": ""},
+        {"idempotency_key": "k" * 257},
+        {"idempotency_key": "a\x00b"},
+        {"idempotency_key": "\ud800"},  # a lone surrogate: no backend can store it as text
+    ],
+    ids=repr,
+)
+async def test_bad_call_options_are_refused_before_anything_is_queued(
+    make_backend: MakeBackend, options: dict[str, Any]
+) -> None:
+    async with pachyderm.World(make_backend(), entities=[Counter]) as w:
+        with pytest.raises(pachyderm.InvalidOptions):
+            await w.activate((Counter, "c"), 1, **options)
+        await asyncio.sleep(0.01)  # a call queued by mistake would run and commit meanwhile
+        assert await w.read((Counter, "c")) == 0
+        assert w.statistics()["activations"] == 0
+        assert await w.activate((Counter, "c"), 1, idempotency_key="ok", timeout=5) == 1
+
+
 def test_type_registration_is_checked() -> None:
     class NoActivate(pachyderm.Entity):
         pass

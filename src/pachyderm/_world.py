@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
@@ -25,6 +26,42 @@ __all__ = ["World", "WorldOptions"]
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
 MAX_IDEMPOTENCY_KEY: Final = 256
+
+
+def check_call(idempotency_key: object, timeout: object) -> None:
+    """Refuse a bad ``idempotency_key`` or ``timeout`` of a call, before anything is queued.
+
+    A key is a ``str`` of 1 to ``MAX_IDEMPOTENCY_KEY`` characters with no NUL and no lone
+    surrogate (every backend stores it as text); a timeout is seconds, finite and > 0.
+    Raises ``InvalidOptions``.
+    """
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str)
+        or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
+        or "\x00" in idempotency_key
+        or not (idempotency_key.isascii() or _encodable(idempotency_key))
+    ):
+        raise InvalidOptions(
+            f"an idempotency key is a str of 1-{MAX_IDEMPOTENCY_KEY} characters, without "
+            f"NUL or lone surrogates; got {idempotency_key!r:.80}"
+        )
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise InvalidOptions(f"a call's timeout is seconds, finite and > 0; got {timeout!r:.80}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _new_call = Call.__new__
 
 
@@ -204,6 +241,8 @@ class World:
 
         Raises:
             InvalidKey, UnknownEntityType: a bad ref, before any I/O.
+            InvalidOptions: a bad ``idempotency_key`` or ``timeout`` (see ``check_call``);
+                nothing was queued.
             Overloaded: the mailbox is full; nothing was queued.
             ActivationFailed: the handler raised; the state is unchanged.
             Rejected: the handler refused the message; the state is unchanged.
@@ -241,6 +280,8 @@ class World:
             or "\x00" in key
         ):
             info, key = self._registry.resolve(ref)
+        if idempotency_key is not None or timeout is not None:
+            check_call(idempotency_key, timeout)
         if self._node is not None:
             if not self._serving:
                 self._check_open()
@@ -493,12 +534,7 @@ class World:
     async def _idempotent_result(
         self, info: EntityInfo, key: str, idempotency_key: str
     ) -> tuple[bool, Any]:
-        if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= (
-            MAX_IDEMPOTENCY_KEY
-        ):
-            raise InvalidOptions(
-                f"an idempotency key is a str of 1-{MAX_IDEMPOTENCY_KEY} characters"
-            )
+        check_call(idempotency_key, None)  # again: a forwarded call's key came over the network
         while True:
             resident = self._engine.residents.get((info.name, key))
             entry = (
