@@ -302,6 +302,10 @@ def test_bad_input_gets_named_errors() -> None:
         Simulation([object], seed=1)  # type: ignore[list-item]  # not an entity type
     with pytest.raises(pachyderm.InvalidOptions):
         Simulation(ENTITIES, mailbox_size=0)
+    with pytest.raises(pachyderm.InvalidOptions):
+        Simulation(3, seed=1)  # type: ignore[arg-type]  # not a list of types
+    with pytest.raises(pachyderm.InvalidOptions):
+        Simulation(ENTITIES, seed=1, chooser=3)  # type: ignore[arg-type]
     sim = Simulation(ENTITIES, seed=1)
     with pytest.raises(pachyderm.InvalidKey):
         sim.submit((Counter, ""), "inc")

@@ -311,6 +311,14 @@ def test_type_registration_is_checked() -> None:
         pachyderm.World(backends.Memory(), mailbox_size=0)
     with pytest.raises(pachyderm.InvalidOptions):
         pachyderm.World(backends.Memory(), no_such_option=1)
+    with pytest.raises(pachyderm.InvalidOptions):
+        pachyderm.World(backends.Memory(), entities=3)  # type: ignore[arg-type]
+    with pytest.raises(pachyderm.InvalidOptions):
+        pachyderm.World(backends.Memory(), entities="tests.Counter")  # type: ignore[arg-type]
+    with pytest.raises(pachyderm.InvalidOptions):
+        pachyderm.World(backends.Memory(), options=3)  # type: ignore[arg-type]
+    with pytest.raises(pachyderm.InvalidOptions):
+        pachyderm.World(backends.Memory(), clock=3)  # type: ignore[arg-type]
 
 
 async def test_handler_failure_leaves_state_and_next_message_runs(

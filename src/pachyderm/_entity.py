@@ -277,6 +277,8 @@ class Registry:
     def __init__(self, types: Iterable[type[Entity]]) -> None:
         self._by_class: dict[type[Entity], EntityInfo] = {}
         self._by_name: dict[str, EntityInfo] = {}
+        if isinstance(types, str | bytes) or not isinstance(types, Iterable):
+            raise InvalidOptions(f"entities is a list of entity types; got {types!r:.80}")
         for cls in types:
             info = EntityInfo(_check_type(cls))
             other = self._by_name.get(info.name)

@@ -76,6 +76,8 @@ class WorldOptions:
     @classmethod
     def build(cls, base: WorldOptions | None, overrides: dict[str, object]) -> WorldOptions:
         """Return ``base`` (or the defaults) with ``overrides`` applied; refuse unknown names."""
+        if base is not None and not isinstance(base, WorldOptions):
+            raise InvalidOptions(f"options is a pachyderm.WorldOptions; got {base!r:.80}")
         if not overrides:
             return base if base is not None else _defaults()
         names = {f.name for f in dataclasses.fields(cls)}

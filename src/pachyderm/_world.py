@@ -110,6 +110,14 @@ class World:
             raise InvalidOptions(
                 f"a world name is 1-100 characters of letters, digits, '_', '.', '-'; got {name!r}"
             )
+        if clock is not None and not all(
+            callable(getattr(clock, method, None))
+            for method in ("monotonic", "wall", "sleep", "call_later")
+        ):
+            raise InvalidOptions(
+                "a clock has monotonic(), wall(), sleep(seconds) and call_later(seconds, "
+                f"callback, *args); got {clock!r:.80}"
+            )
         self.backend = backend
         self.name = name
         self.options = WorldOptions.build(options, overrides)

@@ -135,6 +135,10 @@ class Simulation:
             raise InvalidOptions(f"a simulation's seed is an int or a random.Random; got {seed!r}")
         if faults is not None and not isinstance(faults, Faults):
             raise InvalidOptions(f"faults is a pachyderm.testing.Faults; got {faults!r:.60}")
+        if isinstance(entities, str | bytes) or not isinstance(entities, Iterable):
+            raise InvalidOptions(f"entities is a list of entity types; got {entities!r:.80}")
+        if chooser is not None and not callable(getattr(chooser, "choose", None)):
+            raise InvalidOptions(f"a chooser has choose(n) -> int; got {chooser!r:.80}")
         self.seed: int | None = seed if isinstance(seed, int) else None
         self.faults = faults or Faults()
         self.entities = tuple(entities)
