@@ -249,8 +249,8 @@ class World:
 
         Raises:
             InvalidKey, UnknownEntityType: a bad ref, before any I/O.
-            InvalidOptions: a bad ``idempotency_key`` or ``timeout`` (see ``check_call``);
-                nothing was queued.
+            InvalidOptions: an ``idempotency_key`` that is not 1-256 characters without NUL or
+                lone surrogates, or a ``timeout`` that is not finite and > 0; nothing queued.
             Overloaded: the mailbox is full; nothing was queued.
             ActivationFailed: the handler raised; the state is unchanged.
             Rejected: the handler refused the message; the state is unchanged.
