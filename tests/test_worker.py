@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,13 +81,27 @@ async def test_worker_options_are_checked(make_backend: MakeBackend) -> None:
             {"concurrency": 0},
             {"retry_delay": 0},
             {"retry_delay": 5, "max_retry_delay": 1},
+            {"retry_delay": "soon"},
+            {"retry_delay": math.nan},
+            {"max_retry_delay": math.inf},
+            {"tasks": None},
+            {"perform": "charge"},
         ):
+            options: dict[str, Any] = {
+                "tasks": dict,
+                "perform": asyncio.sleep,
+                "report": lambda i, r: r,
+                **bad,
+            }
             with pytest.raises(pachyderm.InvalidOptions):
-                pachyderm.Worker(
-                    w,
-                    (PaymentsToMake, "s"),
-                    tasks=dict,
-                    perform=asyncio.sleep,
-                    report=lambda i, r: r,
-                    **bad,  # type: ignore[arg-type]
-                )
+                pachyderm.Worker(w, (PaymentsToMake, "s"), **options)
+        with pytest.raises(pachyderm.InvalidOptions):
+            pachyderm.Worker(
+                None, (PaymentsToMake, "s"), tasks=dict, perform=asyncio.sleep, report=print
+            )  # type: ignore[arg-type]
+        with pytest.raises(pachyderm.InvalidKey):
+            pachyderm.Worker(
+                w, (PaymentsToMake, ""), tasks=dict, perform=asyncio.sleep, report=print
+            )
+        with pytest.raises(pachyderm.UnknownEntityType):
+            pachyderm.Worker(w, (int, "s"), tasks=dict, perform=asyncio.sleep, report=print)  # type: ignore[arg-type]

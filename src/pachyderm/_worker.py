@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._errors import InvalidOptions
+from ._world import World
 
 if TYPE_CHECKING:
     from ._entity import Entity
-    from ._world import World
 
 __all__ = ["Worker"]
 
@@ -61,10 +62,20 @@ class Worker:
         retry_delay: float = 0.1,
         max_retry_delay: float = 30.0,
     ) -> None:
+        if not isinstance(world, World):
+            raise InvalidOptions(f"a worker needs a pachyderm.World; got {world!r:.80}")
+        world._registry.resolve(ref)  # InvalidKey or UnknownEntityType now, not when it runs
+        for name, fn in (("tasks", tasks), ("perform", perform), ("report", report)):
+            if not callable(fn):
+                raise InvalidOptions(f"{name} is a function; got {fn!r:.80}")
         if type(concurrency) is not int or concurrency < 1:
             raise InvalidOptions(f"concurrency is an int >= 1; got {concurrency!r}")
-        if not 0 < retry_delay <= max_retry_delay:
-            raise InvalidOptions("0 < retry_delay <= max_retry_delay, in seconds")
+        delays = (retry_delay, max_retry_delay)
+        if (
+            any(isinstance(d, bool) or not isinstance(d, int | float) for d in delays)
+            or not 0 < retry_delay <= max_retry_delay < math.inf
+        ):
+            raise InvalidOptions("0 < retry_delay <= max_retry_delay, finite, in seconds")
         self.world = world
         self.ref = ref
         self.tasks = tasks
