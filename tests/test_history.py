@@ -409,8 +409,9 @@ async def test_lines_that_are_not_json_and_inputs_that_are_not_lines() -> None:
         history.replay(int, lines)  # type: ignore[arg-type]
     with pytest.raises(pachyderm.InvalidKey):
         history.replay(Account, lines, key="")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(pachyderm.InvalidOptions, match="cannot read") as missing:
         history.replay(Account, "no-such-history.jsonl")
+    assert isinstance(missing.value.__cause__, FileNotFoundError)
 
 
 async def test_export_and_check_refuse_a_state_entity() -> None:
@@ -421,6 +422,17 @@ async def test_export_and_check_refuse_a_state_entity() -> None:
             await history.check(world, (Plain, "p"))
         with pytest.raises(pachyderm.InvalidKey):
             await history.check(world, (Account, ""))
+        with pytest.raises(pachyderm.InvalidOptions, match="a path or a text file"):
+            await history.export(world, (Account, "a"), 3)  # type: ignore[arg-type]
+
+
+async def test_export_to_a_path_that_cannot_be_written(tmp_path: Path) -> None:
+    async with pachyderm.World(backends.Memory(), entities=[Account]) as world:
+        await world.activate((Account, "a"), ("deposit", 5))
+        for bad in (tmp_path, tmp_path / "no-such-folder" / "a.jsonl"):
+            with pytest.raises(pachyderm.InvalidOptions, match="cannot write") as caught:
+                await history.export(world, (Account, "a"), bad)
+            assert isinstance(caught.value.__cause__, OSError)
 
 
 # ---------------------------------------------------------------------- check, on the live log

@@ -119,7 +119,8 @@ async def export(
 
     Raises:
         InvalidKey, UnknownEntityType: a bad ref, before any I/O.
-        InvalidOptions: the type is not event-sourced.
+        InvalidOptions: the type is not event-sourced; ``out`` is neither a path nor a text
+            file, or the path cannot be opened for writing (the ``OSError`` is the cause).
         SerializationError: an event or a state cannot be written as JSON.
         Unavailable: the log cannot be read, or misses events.
         IncompatibleVersion: the entity was stored by a newer version of its type.
@@ -127,11 +128,16 @@ async def export(
             (``check`` names the event).
     """
     info, key = _event_sourced(world, ref)
+    if not isinstance(out, str | os.PathLike) and not callable(getattr(out, "write", None)):
+        raise InvalidOptions(f"out is a path or a text file (with write(str)); got {out!r:.80}")
     version, state = await _current(world, ref)
     snapshot_seq, snapshot_state = await _snapshot(world, info, key, version)
     if not isinstance(out, str | os.PathLike):
         return await _export(world, info, key, version, state, snapshot_seq, snapshot_state, out)
-    file = await asyncio.to_thread(open, out, "w", encoding="utf-8", newline="\n")
+    try:
+        file = await asyncio.to_thread(open, out, "w", encoding="utf-8", newline="\n")
+    except OSError as exc:
+        raise InvalidOptions(f"cannot write the history to {out!r:.200}: {exc}") from exc
     try:
         return await _export(world, info, key, version, state, snapshot_seq, snapshot_state, file)
     finally:
@@ -206,7 +212,8 @@ def replay(
     exception. Lines are read one at a time: memory stays bounded.
 
     Raises:
-        InvalidOptions: ``entity_type`` is not event-sourced; the file is not a history of that
+        InvalidOptions: ``entity_type`` is not event-sourced; the path cannot be opened (the
+            ``OSError`` is the cause); the file is not a history of that
             type, is truncated, or has lines out of place (seqs not contiguous from 1, a snapshot
             after a later event, anything after the final line).
         SerializationError: a line is not JSON, or an event does not fit ``event_type``.
@@ -218,7 +225,11 @@ def replay(
     if isinstance(lines, bytes | bytearray):
         raise InvalidOptions("replay takes a path or an iterable of lines, not bytes")
     if isinstance(lines, str | os.PathLike):
-        with open(lines, encoding="utf-8") as file:
+        try:
+            file = open(lines, encoding="utf-8")  # noqa: SIM115  # closed below
+        except OSError as exc:
+            raise InvalidOptions(f"cannot read the history {lines!r:.200}: {exc}") from exc
+        with file:
             return _replay(info, file, key)
     return _replay(info, lines, key)
 
