@@ -288,13 +288,20 @@ class World:
             or "\x00" in key
         ):
             info, key = self._registry.resolve(ref)
-        if idempotency_key is not None or timeout is not None:
-            check_call(idempotency_key, timeout)
-        if self._node is not None:
-            if not self._serving:
-                self._check_open()
-            return await self._node.router.activate(info, key, message, idempotency_key, timeout)
-        if idempotency_key is not None or timeout is not None or self._call_timeout is not None:
+        if (
+            idempotency_key is not None
+            or timeout is not None
+            or self._call_timeout is not None
+            or self._node is not None
+        ):
+            if idempotency_key is not None or timeout is not None:
+                check_call(idempotency_key, timeout)
+            if self._node is not None:
+                if not self._serving:
+                    self._check_open()
+                return await self._node.router.activate(
+                    info, key, message, idempotency_key, timeout
+                )
             return await self._activate(info, key, message, idempotency_key, timeout)
         # The commonest call, without the frame of `_activate` (whose first lines these are).
         if not self._serving:
