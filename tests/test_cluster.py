@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 import pachyderm
@@ -419,6 +420,11 @@ async def test_a_bad_secret_or_a_bad_frame_is_refused_and_the_node_keeps_serving
         await peer.call("activate", ["Counter"])
     with pytest.raises(pachyderm.PachydermError):
         await peer.call("no such request", [])
+    # An idempotency key that no backend can store, from a peer, is refused before any I/O.
+    message = msgspec.msgpack.encode("inc")
+    with pytest.raises(pachyderm.PachydermError, match="idempotency key"):
+        await peer.call("activate", ["Counter", "nul", message, "a\x00b", 5.0])
+    assert await a.read((Counter, "nul")) == 0
     await peer.close()
     assert await a.activate((Counter, "still"), "inc") == 1
     assert a._node.server.refused >= 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -12,12 +13,14 @@ from ._codec import IMMUTABLE, UNTYPED, Codec, codec_for
 from ._errors import InvalidKey, InvalidOptions, UnknownEntityType
 
 __all__ = [
+    "MAX_IDEMPOTENCY_KEY",
     "MAX_KEY_BYTES",
     "Entity",
     "EventSourced",
     "EntityInfo",
     "Registry",
     "Update",
+    "check_call",
     "validate_key",
 ]
 
@@ -181,6 +184,35 @@ def validate_key(key: object) -> str:
     if size > MAX_KEY_BYTES:
         raise InvalidKey(f"a key is at most {MAX_KEY_BYTES} bytes of UTF-8; got {size}")
     return key
+
+
+MAX_IDEMPOTENCY_KEY: Final = 256
+
+
+def check_call(idempotency_key: object, timeout: object) -> None:
+    """Refuse a bad ``idempotency_key`` or ``timeout`` of a call, before anything is queued.
+
+    A key is a ``str`` of 1 to ``MAX_IDEMPOTENCY_KEY`` characters with no NUL and no lone
+    surrogate (every backend stores it as text); a timeout is seconds, finite and > 0.
+    Raises ``InvalidOptions``.
+    """
+    if idempotency_key is not None:
+        if not isinstance(idempotency_key, str) or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidOptions(
+                f"an idempotency key is a str of 1-{MAX_IDEMPOTENCY_KEY} characters; "
+                f"got {idempotency_key!r:.80}"
+            )
+        try:
+            validate_key(idempotency_key)  # a key's own rules: not empty, no NUL, no surrogate
+        except InvalidKey as exc:
+            raise InvalidOptions(f"a bad idempotency key: {exc}") from None
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise InvalidOptions(f"a call's timeout is seconds, finite and > 0; got {timeout!r:.80}")
 
 
 class EntityInfo:

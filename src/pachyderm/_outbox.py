@@ -9,7 +9,6 @@ from . import _faults
 from ._codec import IMMUTABLE, UNTYPED
 from ._core._resident import Call, Resident
 from ._effects import After, Cancel, Send
-from ._entity import MAX_KEY_BYTES
 from ._errors import ActivationFailed, SerializationError, TooLarge, TooManyEffects
 from .backends._base import Consume, Envelope, Outbox, Write
 
@@ -47,7 +46,6 @@ def effects_of(
     out: list[Envelope | str] = []
     wall: float | None = None
     resolve = engine.registry.resolve
-    by_class = engine.registry.by_class
     index = -1
     for effect in effects:
         index += 1
@@ -56,25 +54,7 @@ def effects_of(
             out.append(effect.name)  # type: ignore[attr-defined]
             continue
         if kind is Send:
-            # `resolve`'s common case inline (a plain ASCII key of a type without `key()`).
-            ref = effect.ref  # type: ignore[attr-defined]
-            to_info = None
-            if type(ref) is tuple:
-                try:
-                    to_cls, to_key = ref
-                    to_info = by_class.get(to_cls)
-                except (TypeError, ValueError):
-                    pass
-            if (
-                to_info is None
-                or to_info.custom_key
-                or type(to_key) is not str
-                or not to_key.isascii()
-                or not to_key
-                or len(to_key) > MAX_KEY_BYTES
-                or "\x00" in to_key
-            ):
-                to_info, to_key = resolve(ref)
+            to_info, to_key = resolve(effect.ref)  # type: ignore[attr-defined]
             due, name = 0.0, None
         elif kind is After:
             to = effect.to  # type: ignore[attr-defined]

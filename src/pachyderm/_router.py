@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._codec import UNTYPED
 from ._core._follow import Channel, EventChannel
-from ._entity import MAX_KEY_BYTES, EntityInfo
+from ._entity import MAX_KEY_BYTES, EntityInfo, check_call
 from ._errors import (
     Indeterminate,
     InvalidOptions,
@@ -551,6 +551,7 @@ class Router:
         info, key = self._mine(type_name, key)
         if type(data) is not bytes or not (idempotency_key is None or type(idempotency_key) is str):
             raise InvalidOptions("a malformed activate from a peer")
+        check_call(idempotency_key, None)  # the origin checked it; this one came over the network
         message = UNTYPED.decode(data)
         result = await self.world._activate(
             info, key, message, idempotency_key, self._timeout(timeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
@@ -14,7 +13,7 @@ from ._codec import PickleCodec
 from ._core._follow import Channel, EventChannel
 from ._core._resident import READY, Call, Resident
 from ._engine import Engine
-from ._entity import MAX_KEY_BYTES, Entity, EntityInfo, Registry
+from ._entity import MAX_KEY_BYTES, Entity, EntityInfo, Registry, check_call
 from ._errors import InvalidOptions, Overloaded, Unavailable
 from ._events import EventStream
 from ._eventsourced import Append
@@ -25,43 +24,6 @@ from .backends._base import Backend
 __all__ = ["World", "WorldOptions"]
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
-MAX_IDEMPOTENCY_KEY: Final = 256
-
-
-def check_call(idempotency_key: object, timeout: object) -> None:
-    """Refuse a bad ``idempotency_key`` or ``timeout`` of a call, before anything is queued.
-
-    A key is a ``str`` of 1 to ``MAX_IDEMPOTENCY_KEY`` characters with no NUL and no lone
-    surrogate (every backend stores it as text); a timeout is seconds, finite and > 0.
-    Raises ``InvalidOptions``.
-    """
-    if idempotency_key is not None and (
-        not isinstance(idempotency_key, str)
-        or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
-        or "\x00" in idempotency_key
-        or not (idempotency_key.isascii() or _encodable(idempotency_key))
-    ):
-        raise InvalidOptions(
-            f"an idempotency key is a str of 1-{MAX_IDEMPOTENCY_KEY} characters, without "
-            f"NUL or lone surrogates; got {idempotency_key!r:.80}"
-        )
-    if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
-        raise InvalidOptions(f"a call's timeout is seconds, finite and > 0; got {timeout!r:.80}")
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 _new_call = Call.__new__
 
 
@@ -549,7 +511,6 @@ class World:
     async def _idempotent_result(
         self, info: EntityInfo, key: str, idempotency_key: str
     ) -> tuple[bool, Any]:
-        check_call(idempotency_key, None)  # again: a forwarded call's key came over the network
         while True:
             resident = self._engine.residents.get((info.name, key))
             entry = (
