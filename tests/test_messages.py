@@ -400,22 +400,24 @@ async def test_writes_are_reused_only_for_a_backend_that_keeps_none(keeps: bool)
     async with pachyderm.World(backend, entities=ALL) as w:
         await w.activate((Ping, "a"), ("b", 0, 5))
         await quiet(w)
-        spare = w._engine._spare_writes
+        held = {r.key: r.write for r in w._engine.residents.values()}
     assert len(backend.kept) == 6  # a, b, a, b, a, b: one write per commit
     ids = {id(write) for write, _ in backend.kept}
     if keeps:
         # Each write as it was given: a new object every time, none changed afterwards.
         assert len(ids) == 6
         assert all((wr.key, wr.expected, wr.version) == seen for wr, seen in backend.kept)
-        assert spare is None
+        assert held == {"a": None, "b": None}
     else:
-        # A write whose commit is done serves the next one; kept spare, it holds none of its
-        # rows (its state, outbox rows, events or receipts).
-        assert len(ids) < 6
-        assert spare
-        assert {id(write) for write in spare} <= ids
-        assert all(wr.data == b"" and wr.outbox is None and wr.events is None for wr in spare)
-        assert all(wr.receipts == () and wr.fence is None for wr in spare)
+        # Each entity's write serves its next one, once its commit is done; kept between
+        # commits, it holds none of the outbox rows it carried.
+        assert ids == {id(held["a"]), id(held["b"])}
+        for key, write in held.items():
+            assert write is not None
+            assert (write.key, write.version) == (key, 3)
+            assert write.outbox is None
+            assert write.events is None
+            assert write.fence is None
 
 
 def test_the_outbox_of_one_call_is_the_general_one() -> None:

@@ -536,3 +536,22 @@ async def test_list_pages_and_prefix(make_backend: MakeBackend) -> None:
             f"user-01{i}" for i in range(10)
         ]
         assert [k async for k in w.list(Log)] == []
+
+
+async def test_memory_rows_are_nothing_the_garbage_collector_tracks() -> None:
+    """A commit to Memory makes no tracked object: its rows cost no collection, at any size."""
+    import gc
+
+    backend = backends.Memory()
+    async with pachyderm.World(backend, entities=ALL) as w:
+        await asyncio.gather(*[w.activate((Counter, f"k{i}"), 1) for i in range(100)])
+        space = backend._space
+        assert space is not None
+        table = space.rows["tests.Counter"]
+        rows = (table.versions, table.type_versions, table.data, table.snapshots)
+        gc.collect()  # whatever was young is old now; a full collection untracks what it can
+        for _ in range(3):
+            await asyncio.gather(*[w.activate((Counter, f"k{i}"), 1) for i in range(100)])
+            assert not any(gc.is_tracked(d) for d in rows)
+        assert [table.versions[f"k{i}"] for i in range(100)] == [4] * 100
+        assert await w.read((Counter, "k7")) == 4

@@ -56,8 +56,7 @@ class Engine:
 
     Mutable state, touched only on the event loop: ``residents`` and ``order`` (the CLOCK
     hand), ``ready`` (entities with work for the runner), ``to_load``, ``channels`` (followers
-    by entity), ``commits`` (commit tasks in flight), ``_spare_writes`` (writes whose commit is
-    done, for reuse), ``stats``.
+    by entity), ``commits`` (commit tasks in flight), ``stats``.
     """
 
     def __init__(
@@ -77,10 +76,9 @@ class Engine:
         # Readers of the event streams of event-sourced entities, the same way.
         self.event_channels: dict[tuple[str, str], dict[EventChannel, None]] = {}
         self.commits: set[asyncio.Task[None]] = set()
-        # Writes whose commit is done, for the runner's next ones; None when the backend may
-        # still read a write after its commit returned (`Backend.keeps_writes`).
-        self._spare_writes: list[Write] | None = None if backend.keeps_writes else []
-        self._spare_most = 2 * options.max_batch
+        # Whether a resident keeps its write for the next one: not when the backend may still
+        # read a write after its commit returned (`Backend.keeps_writes`).
+        self._reuse_writes = not backend.keeps_writes
         self.stats = {
             "activations": 0,
             "failures": 0,
@@ -147,13 +145,12 @@ class Engine:
 
     def resident(self, info: EntityInfo, key: str) -> Resident:
         """Return the resident entity, creating it (and asking for its load) if needed."""
-        ref = (info.name, key)
-        resident = self.residents.get(ref)
+        resident = self.residents.get((info.name, key))
         if resident is not None:
             resident.hot = True
             return resident
         resident = Resident(info, key, self.clock.monotonic())
-        self.residents[ref] = resident
+        self.residents[resident.ref] = resident  # its ref is the key: one tuple per resident
         self.order.append(resident)
         self._request_load(resident)
         if len(self.residents) > self.options.max_resident:
@@ -225,7 +222,7 @@ class Engine:
         run_batch = self._run_batch
         new_write = Write.__new__
         fence_of = self.fence_of
-        spare = self._spare_writes
+        reuse = self._reuse_writes
         while True:
             if not ready:
                 self.run_waiter = self.loop.create_future()
@@ -283,23 +280,31 @@ class Engine:
                         self.disown(resident, _moved())
                         continue
                 resident.inflight = pending
-                # A spare write whose commit is done (one object less for the garbage collector
-                # per activation), else `Write(...)` without its Python __init__ frame.
-                write = spare.pop() if spare else new_write(Write)
-                write.type_name = info.name
-                write.key = resident.key
+                # The resident's own write, reused once its commit is done (the backend keeps
+                # none: `keeps_writes`): its type, key and type version are set once, and the
+                # garbage collector gets no new object per activation. Else `Write(...)`
+                # without its Python __init__ frame.
+                write = resident.write
+                if write is None:
+                    write = new_write(Write)
+                    write.type_name = info.name
+                    write.key = resident.key
+                    write.type_version = info.version
+                    write.events = None
+                    write.snapshot = False
+                    write.fence = None
+                    write.fenced = False
+                    if reuse:
+                        resident.write = write
+                if fence is not None:
+                    write.fence = fence
+                    write.fenced = False
                 write.expected = resident.version
                 write.version = resident.tip_version
-                write.type_version = info.version
                 write.data = resident.tip_data
                 write.receipts = self._receipts(pending) if resident.idempotent else ()
                 write.outbox = outbox
-                write.fence = fence
-                write.fenced = False
-                if info.events is None:
-                    write.events = None
-                    write.snapshot = False
-                else:
+                if info.events is not None:
                     event_write(write, info, pending)
                 writes.append(write)
                 owners.append(resident)
@@ -595,6 +600,7 @@ class Engine:
                 observer(resident, inflight, None)
             if write.outbox is not None:
                 dispatcher.committed(resident, write)
+                write.outbox = None  # the write stays with its resident: hold no rows
             if channels and resident.ref in channels:
                 self._notify(channels[resident.ref], inflight)
             if write.events and event_channels and resident.ref in event_channels:
@@ -620,15 +626,6 @@ class Engine:
                 schedule(resident)
             if held and resident.ref in held:
                 dispatcher.flush(resident)
-        spare = self._spare_writes
-        if spare is not None and len(spare) < self._spare_most:
-            # Nothing reads these writes any more (the backend keeps none: `keeps_writes`):
-            # the runner gives them to the next ones, holding none of their rows meanwhile.
-            for write in writes:
-                write.data = b""
-                write.receipts = ()
-                write.outbox = write.events = write.fence = None
-            spare.extend(writes)
 
     @staticmethod
     def _notify(channels: dict[Channel, None], calls: list[Call]) -> None:

@@ -12,6 +12,40 @@ from ._base import Backend, Envelope, EnvelopeId, Receipt, Stored, StoredEvent, 
 __all__ = ["Memory"]
 
 
+class _Table:
+    """One type's rows: ``key -> version``, ``-> type_version``, ``-> data`` (and, for an
+    event-sourced type, ``-> snapshot``), the fields of `Stored`.
+
+    Parallel dicts of str keys and int or bytes values: containers the garbage collector never
+    tracks, however many rows they hold and however often they change. (A tuple per row is
+    tracked when it is made: every commit would add one to the young generation, which at a
+    million entities the next young collection walks, object by object, out of cache.) A
+    `Stored` is made only when a row is loaded.
+
+    Mutable state: the dicts, changed only by `Memory.commit`.
+    """
+
+    __slots__ = ("data", "snapshots", "type_versions", "versions")
+
+    def __init__(self) -> None:
+        self.versions: dict[str, int] = {}
+        self.type_versions: dict[str, int] = {}
+        self.data: dict[str, bytes] = {}
+        self.snapshots: dict[str, int] = {}  # event-sourced rows only
+
+    def get(self, key: str) -> tuple[int, int, bytes, int | None] | None:
+        """The row of ``key`` as ``(version, type_version, data, snapshot)``; None: not stored."""
+        version = self.versions.get(key)
+        if version is None:
+            return None
+        return version, self.type_versions[key], self.data[key], self.snapshots.get(key)
+
+    def put(self, key: str, version: int, type_version: int, data: bytes) -> None:
+        self.versions[key] = version
+        self.type_versions[key] = type_version
+        self.data[key] = data
+
+
 class _Space:
     """One world's data. Mutable state: all of it, changed only by `Memory` methods."""
 
@@ -28,10 +62,8 @@ class _Space:
     )
 
     def __init__(self) -> None:
-        # type name -> key -> (version, type_version, data, snapshot): the fields of `Stored`. A
-        # tuple of ints and bytes is one the garbage collector stops tracking, so a million rows
-        # cost it nothing; a `Stored` is made only when a row is loaded.
-        self.rows: dict[str, dict[str, tuple[int, int, bytes, int | None]]] = {}
+        # type name -> its rows.
+        self.rows: dict[str, _Table] = {}
         # (type name, key) -> the log of an event-sourced entity: (type_version, data) of the
         # event of seq i + 1 at index i.
         self.events: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
@@ -69,7 +101,8 @@ class _Space:
     def sorted_keys(self, type_name: str) -> list[str]:
         keys = self.sorted.get(type_name)
         if keys is None:
-            keys = self.sorted[type_name] = sorted(self.rows.get(type_name, ()))
+            table = self.rows.get(type_name)
+            keys = self.sorted[type_name] = [] if table is None else sorted(table.versions)
         return keys
 
 
@@ -83,7 +116,7 @@ class Memory(Backend):
 
     scope: ClassVar[str] = "one process"
     durable: ClassVar[bool] = False
-    keeps_writes: ClassVar[bool] = False  # rows are copied into tuples
+    keeps_writes: ClassVar[bool] = False  # a row's fields are copied out of its write
 
     def __init__(self) -> None:
         self._spaces: dict[str, _Space] = {}
@@ -108,28 +141,33 @@ class Memory(Backend):
         rows = self._open_space().rows
         out: list[Stored | None] = []
         for type_name, key in refs:
-            row = rows.get(type_name, {}).get(key)
-            out.append(None if row is None else Stored(*row))
+            table = rows.get(type_name)
+            version = None if table is None else table.versions.get(key)
+            if table is None or version is None:
+                out.append(None)
+            else:  # `_Table.get`, inline: once per entity loaded
+                tv, data, snapshot = table.type_versions[key], table.data[key], table.snapshots
+                out.append(Stored(version, tv, data, snapshot.get(key)))
         return out
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
         space = self._open_space()
         rows = space.rows
-        out = []
-        for w in writes:
+        out = [True] * len(writes)
+        for i, w in enumerate(writes):
             table = rows.get(w.type_name)
             if table is None:
-                table = rows[w.type_name] = {}
-            row = table.get(w.key)
-            if (0 if row is None else row[0]) != w.expected:
-                out.append(False)
+                table = rows[w.type_name] = _Table()
+            versions = table.versions
+            stored = versions.get(w.key, 0)  # 0: not stored (a stored version is >= 1)
+            if stored != w.expected:
+                out[i] = False
                 continue
             events = w.events
-            log = None
             if events:
                 log = space.events.get((w.type_name, w.key))
                 if (0 if log is None else len(log)) != w.expected:
-                    out.append(False)  # the fence: an event of seq > expected is stored
+                    out[i] = False  # the fence: an event of seq > expected is stored
                     continue
             outbox = w.outbox
             if outbox is not None and outbox.consumes:
@@ -140,23 +178,27 @@ class Memory(Backend):
                     ids = {c.id for c in consumes}
                     gone = len(ids) < len(consumes) or not ids <= space.outbox.keys()
                 if gone:
-                    out.append(False)  # a message it applies is gone: applied or cancelled
+                    out[i] = False  # a message it applies is gone: applied or cancelled
                     continue
             if w.version != w.expected:
-                if row is None:
+                if not stored:
                     space.sorted.pop(w.type_name, None)
                 if not events:
-                    table[w.key] = (w.version, w.type_version, w.data, None)
+                    versions[w.key] = w.version
+                    table.type_versions[w.key] = w.type_version
+                    table.data[w.key] = w.data
                 else:
                     if log is None:
                         log = space.events[(w.type_name, w.key)] = []
                     log.extend((w.type_version, e) for e in events)
                     if w.snapshot:
-                        table[w.key] = (w.version, w.type_version, w.data, w.version)
-                    elif row is None:
-                        table[w.key] = (w.version, w.type_version, b"", 0)
+                        table.put(w.key, w.version, w.type_version, w.data)
+                        table.snapshots[w.key] = w.version
+                    elif not stored:
+                        table.put(w.key, w.version, w.type_version, b"")
+                        table.snapshots[w.key] = 0
                     else:
-                        table[w.key] = (w.version, row[1], row[2], row[3])
+                        versions[w.key] = w.version  # the row keeps its snapshot
             if outbox is not None:
                 for c in outbox.consumes:
                     taken = space.take(c.id)
@@ -172,7 +214,6 @@ class Memory(Backend):
             if w.receipts:
                 for r in w.receipts:
                     space.receipts[(w.type_name, w.key, r.id)] = r
-            out.append(True)
         self._commits += 1
         self._writes += len(writes)
         return out
@@ -250,7 +291,7 @@ class Memory(Backend):
         return {
             "commits": self._commits,
             "writes": self._writes,
-            "entities": 0 if space is None else sum(len(t) for t in space.rows.values()),
+            "entities": 0 if space is None else sum(len(t.versions) for t in space.rows.values()),
             "events": 0 if space is None else sum(len(log) for log in space.events.values()),
             "outbox": self.outbox_counts(),
         }

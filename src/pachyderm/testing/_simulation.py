@@ -506,8 +506,10 @@ class Simulation:
         registry = self.world._registry
         for type_name in sorted(space.rows):
             info = registry.by_name(type_name)
-            for key in sorted(space.rows[type_name]):
-                row = space.rows[type_name][key]
+            table = space.rows[type_name]
+            for key in sorted(table.versions):
+                row = table.get(key)
+                assert row is not None
                 if info.events is None:
                     out[(type_name, key)] = info.codec.decode(row[2])
                 else:
