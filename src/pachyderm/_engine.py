@@ -281,9 +281,9 @@ class Engine:
                         continue
                 resident.inflight = pending
                 # The resident's own write, reused once its commit is done (the backend keeps
-                # none: `keeps_writes`): its type, key and type version are set once, and the
-                # garbage collector gets no new object per activation. Else `Write(...)`
-                # without its Python __init__ frame.
+                # none: `keeps_writes`): what stays the same (type, key, type version) is set
+                # once, and no object is made per activation. Else a `Write(...)` made without
+                # its Python __init__ frame.
                 write = resident.write
                 if write is None:
                     write = new_write(Write)
