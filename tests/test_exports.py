@@ -17,6 +17,7 @@ import pachyderm.testing
 SURFACE = {
     "pachyderm": [
         "ActivationFailed",
+        "Clock",
         "Entity",
         "EntityBroken",
         "EventSourced",
@@ -30,6 +31,7 @@ SURFACE = {
         "Rejected",
         "SerializationError",
         "StorageLocked",
+        "SystemClock",
         "Timeout",
         "TooLarge",
         "TooManyEffects",

@@ -555,3 +555,19 @@ async def test_memory_rows_are_nothing_the_garbage_collector_tracks() -> None:
             assert not any(gc.is_tracked(d) for d in rows)
         assert [table.versions[f"k{i}"] for i in range(100)] == [4] * 100
         assert await w.read((Counter, "k7")) == 4
+
+
+async def test_a_clock_of_ones_own_is_a_pachyderm_clock() -> None:
+    """``pachyderm.Clock`` types ``World(clock=...)``; ``SystemClock`` is there to build on."""
+
+    class Shifted(pachyderm.SystemClock):
+        def wall(self) -> float:
+            return 1_000.0
+
+    clock: pachyderm.Clock = Shifted()
+    backend = backends.Memory()
+    async with pachyderm.World(backend, entities=ALL, clock=clock) as w:
+        assert await w.activate((Counter, "a"), 1, idempotency_key="once") == 1
+        receipt = await backend.receipt("tests.Counter", "a", "once")
+    assert receipt is not None
+    assert receipt.at == 1_000.0  # stamped by this clock's wall time

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from . import backends as backends
 from . import history as history
+from ._clock import Clock as Clock
+from ._clock import SystemClock as SystemClock
 from ._effects import after as after
 from ._effects import cancel as cancel
 from ._effects import send as send
@@ -43,6 +45,8 @@ __all__ = [
     "World",
     "WorldOptions",
     "Worker",
+    "Clock",
+    "SystemClock",
     "backends",
     "history",
     "MAX_KEY_BYTES",
