@@ -571,3 +571,18 @@ async def test_a_clock_of_ones_own_is_a_pachyderm_clock() -> None:
         receipt = await backend.receipt("tests.Counter", "a", "once")
     assert receipt is not None
     assert receipt.at == 1_000.0  # stamped by this clock's wall time
+
+
+def test_a_clock_without_every_method_of_pachyderm_clock_is_refused() -> None:
+    class NoTimers:
+        def monotonic(self) -> float:
+            return 0.0
+
+        def wall(self) -> float:
+            return 0.0
+
+        async def sleep(self, seconds: float) -> None:
+            pass
+
+    with pytest.raises(pachyderm.InvalidOptions, match="call_later"):
+        pachyderm.World(backends.Memory(), clock=NoTimers())  # type: ignore[arg-type]

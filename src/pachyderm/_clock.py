@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
-__all__ = ["Clock", "SystemClock", "Timer"]
+__all__ = ["CLOCK_METHODS", "Clock", "SystemClock", "Timer", "is_clock"]
 
 
 class Clock(Protocol):
@@ -28,6 +28,15 @@ class Clock(Protocol):
     def call_later(self, seconds: float, callback: Callable[..., object], *args: Any) -> Timer:
         """Call ``callback(*args)`` on the event loop after ``seconds``, unless cancelled."""
         ...
+
+
+#: What `Clock` asks of a clock: ``World(clock=...)`` refuses an object without these.
+CLOCK_METHODS: Final = ("monotonic", "wall", "sleep", "call_later")
+
+
+def is_clock(obj: object) -> bool:
+    """Whether ``obj`` has every method of `Clock` (their signatures are not checked)."""
+    return all(callable(getattr(obj, name, None)) for name in CLOCK_METHODS)
 
 
 class Timer(Protocol):

@@ -7,7 +7,7 @@ import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
-from ._clock import Clock, SystemClock
+from ._clock import CLOCK_METHODS, Clock, SystemClock, is_clock
 from ._cluster import Node
 from ._codec import PickleCodec
 from ._core._follow import Channel, EventChannel
@@ -72,13 +72,9 @@ class World:
             raise InvalidOptions(
                 f"a world name is 1-100 characters of letters, digits, '_', '.', '-'; got {name!r}"
             )
-        if clock is not None and not all(
-            callable(getattr(clock, method, None))
-            for method in ("monotonic", "wall", "sleep", "call_later")
-        ):
+        if clock is not None and not is_clock(clock):
             raise InvalidOptions(
-                "a clock has monotonic(), wall(), sleep(seconds) and call_later(seconds, "
-                f"callback, *args); got {clock!r:.80}"
+                f"a clock is a pachyderm.Clock, with {', '.join(CLOCK_METHODS)}; got {clock!r:.80}"
             )
         self.backend = backend
         self.name = name

@@ -183,7 +183,7 @@ class Memory(Backend):
             if w.version != w.expected:
                 if not stored:
                     space.sorted.pop(w.type_name, None)
-                if not events:
+                if not events:  # `_Table.put`, inline: once per write
                     versions[w.key] = w.version
                     table.type_versions[w.key] = w.type_version
                     table.data[w.key] = w.data
