@@ -27,6 +27,8 @@ class Counter(pachyderm.Entity):
             raise RuntimeError("boom")
         if message == "no":
             raise pachyderm.Rejected("refused on purpose")
+        if message == "own-timeout":
+            raise pachyderm.Timeout("the handler's own")
         return state + (message if isinstance(message, int) else 1)
 
 
@@ -58,6 +60,8 @@ class Sleepy(pachyderm.Entity):
     async def activate(self, message: Any, state: int) -> int:
         if message == "hang":
             await asyncio.Event().wait()
+        if message == "own-timeout":
+            raise pachyderm.Timeout("the handler's own")
         return state + 1
 
 
@@ -336,6 +340,19 @@ async def test_handler_failure_leaves_state_and_next_message_runs(
         assert await w.activate(c, 1) == 2
 
 
+async def test_a_timeout_a_handler_raises_is_an_activation_failure(
+    make_backend: MakeBackend,
+) -> None:
+    """Only the runtime says a deadline passed: a handler's own ``Timeout`` is its failure."""
+    async with world(make_backend) as w:
+        for ref in ((Counter, "t"), (Sleepy, "t")):
+            assert await w.activate(ref, 1) == 1
+            with pytest.raises(pachyderm.ActivationFailed) as info:
+                await w.activate(ref, "own-timeout")
+            assert isinstance(info.value.__cause__, pachyderm.Timeout)
+            assert await w.read(ref) == 1
+
+
 async def test_mutate_then_raise_does_not_leak(make_backend: MakeBackend) -> None:
     async with world(make_backend) as w:
         ref = (Log, "l")
@@ -469,6 +486,27 @@ async def test_idempotency_key_returns_the_first_result(make_backend: MakeBacken
     async with world(make_backend) as w:  # the receipt is durable with the state
         assert await w.activate(ref, 1, idempotency_key="pay-1") == 1
         assert await w.activate(ref, 1) == 3
+
+
+async def test_a_retry_after_receipt_ttl_runs_again(make_backend: MakeBackend) -> None:
+    """A receipt is forgotten once older than ``receipt_ttl``, pruned or not."""
+
+    class Wall(pachyderm.SystemClock):
+        now = 5_000.0
+
+        def wall(self) -> float:
+            return self.now
+
+    clock = Wall()
+    async with world(make_backend, clock=clock, receipt_ttl=60.0) as w:
+        ref = (Counter, "ttl")
+        assert await w.activate(ref, 1, idempotency_key="k") == 1
+        clock.now += 59.0  # within the window: the first result, not run again
+        assert await w.activate(ref, 1, idempotency_key="k") == 1
+        clock.now += 2.0  # 61 s after the commit: forgotten (the prune has not run)
+        assert await w.activate(ref, 1, idempotency_key="k") == 2
+        assert await w.activate(ref, 1, idempotency_key="k") == 2  # its new receipt
+        assert await w.read(ref) == 2
 
 
 async def test_world_refuses_calls_when_closed(make_backend: MakeBackend) -> None:

@@ -486,15 +486,15 @@ class Engine:
                 return
             resident.running = None
             if expired:
-                raise Timeout(f"the handler ran longer than {timeout} s; it was cancelled")
-            if task.cancelled() or call.future.done():
+                call.result = Timeout(f"the handler ran longer than {timeout} s; it was cancelled")
+            elif task.cancelled() or call.future.done():
                 # Withdrawn, or answered Timeout while the handler was finishing: its caller
                 # was told it did not happen, so it does not.
-                raise Timeout("the call was withdrawn while its handler ran")
-            exc = task.exception()
-            if exc is not None:
-                raise exc
-            self._result(resident, call, task.result())
+                call.result = Timeout("the call was withdrawn while its handler ran")
+            elif (error := task.exception()) is not None:
+                raise error  # the handler's own (a Timeout it raised is ActivationFailed too)
+            else:
+                self._result(resident, call, task.result())
         except EXPECTED as exc:
             call.result = exc
         except Exception as exc:

@@ -140,10 +140,11 @@ class IncompatibleVersion(PachydermError):
     """
 
 
-#: The errors a handler's call ends with as they are; any other exception of a handler becomes
-#: ``ActivationFailed`` (see ``failed``).
+#: The errors a handler's call ends with as they are: a refusal (``Rejected``), and the named
+#: errors of bad input that the handler's effects (``send``, ``after``, ``cancel``) or its new
+#: state raise. Any other exception of a handler becomes ``ActivationFailed`` (see ``failed``),
+#: a ``Timeout`` it raises itself too: only the runtime says that a deadline passed.
 EXPECTED: tuple[type[PachydermError], ...] = (
-    Timeout,
     SerializationError,
     TooLarge,
     Rejected,

@@ -17,9 +17,11 @@ __all__ = ["Follower"]
 class Follower:
     """An async iterator of an entity's committed states, in version order.
 
-    The first item is the current state (or, with ``since=n``, the first version after ``n``),
-    then each newly committed one. A follower that reads slower than the entity commits skips
-    ahead to newer versions, never backwards. With ``versions=True`` items are ``(version, state)``.
+    The first item is the current state, then each newly committed one. With ``since=n`` and
+    ``n`` the current version, the first item is the next commit; with any other ``n``, the
+    current state (the versions between are not kept). A follower that reads slower than the
+    entity commits skips ahead to newer versions, never backwards. With ``versions=True`` items
+    are ``(version, state)``.
 
     Leaving the ``async for`` loop, ``aclose()`` or the end of ``async with`` unsubscribes.
     The iteration ends when the world closes.

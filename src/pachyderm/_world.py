@@ -523,7 +523,9 @@ class World:
                 continue  # it did not commit (and is forgotten): run this one
             seen = (resident, None if resident is None else resident.version)
             receipt = await self.backend.receipt(info.name, key, idempotency_key)
-            if receipt is not None:
+            # A receipt older than `receipt_ttl` is forgotten at once, whether or not the
+            # periodic prune has removed it yet: the call runs again.
+            if receipt is not None and receipt.at >= self._clock.wall() - self.options.receipt_ttl:
                 return True, info.codec.decode(receipt.result)
             resident = self._engine.residents.get((info.name, key))
             if seen != (resident, None if resident is None else resident.version):
