@@ -175,3 +175,69 @@ async def test_a_cancelled_idempotent_call_does_not_block_its_retry() -> None:
         assert await asyncio.wait_for(blocker, 5) == 1
         assert await asyncio.wait_for(retry, 5) == 2
         assert await w.activate(ref, "x", idempotency_key="k") == 2  # from the receipt
+
+
+class Tally(pachyderm.EventSourced):
+    """An event-sourced counter: each command appends one event, 1."""
+
+    name = "tests.faults.Tally"
+
+    def init(self) -> int:
+        return 0
+
+    def handle(self, command: Any, state: int) -> list[int]:
+        return [1]
+
+    def apply(self, event: int, state: int) -> int:
+        return state + event
+
+
+@pytest.mark.parametrize("kind", [Counter, Tally])
+async def test_a_call_given_up_on_the_tip_of_a_failed_commit_leaves_nothing_behind(
+    kind: type[pachyderm.Entity],
+) -> None:
+    """A call runs on the tip of a write in flight, its caller gives up, and the write fails.
+
+    The lost write puts the call back in the mailbox, where the runner skips it (nobody waits
+    for it). The entity is then idle (it may be passivated), the world closes, and a retry with
+    the call's idempotency key runs it.
+    """
+    gate = asyncio.Event()
+
+    class Held(Faulty):
+        async def commit(self, writes: Sequence[Write]) -> list[bool]:
+            await gate.wait()
+            return await super().commit(writes)
+
+    backend = Held()
+    w = pachyderm.World(backend, entities=[*ALL, Tally])
+    await w.start()
+    try:
+        for key in (None, "k"):
+            gate.clear()
+            ref = (kind, f"c-{key}")
+            first = asyncio.ensure_future(w.activate(ref, 1))
+            while (resident := w._engine.residents.get((kind.name, ref[1]))) is None or (
+                resident.inflight is None
+            ):
+                await asyncio.sleep(0)
+            second = asyncio.ensure_future(w.activate(ref, 1, idempotency_key=key))
+            while not resident.pending:  # run on the tip, waiting for the write in flight
+                await asyncio.sleep(0)
+            second.cancel()
+            backend.fail_next.append(pachyderm.Unavailable("disk full"))
+            gate.set()
+            results = await asyncio.gather(first, second, return_exceptions=True)
+            assert isinstance(results[0], pachyderm.Unavailable)
+            assert isinstance(results[1], asyncio.CancelledError)
+            for _ in range(5):  # the runner's turn that skips the call
+                await asyncio.sleep(0)
+            assert resident.pending is None
+            assert resident.queued == 0
+            assert resident.quiescent()  # so it may be passivated
+            assert resident.idempotent is None  # no entry left for the key
+            if key is not None:  # a retry with the key runs it, and does not wait forever
+                assert await asyncio.wait_for(w.activate(ref, 1, idempotency_key=key), 5) == 1
+    finally:
+        # `aclose` waits for every call in progress: none is left that nobody waits for.
+        await asyncio.wait_for(w.aclose(), 5)

@@ -347,7 +347,7 @@ class Engine:
         tip_data, tip_obj = resident.tip_data, resident.tip_obj
         for call in batch:
             if call.future.done():  # timed out or cancelled while queued: nothing happens
-                resident.queued -= 1
+                self.skip(resident, call)
                 if pending is None:
                     pending = batch[: batch.index(call)]
                 continue
@@ -404,7 +404,8 @@ class Engine:
                     resident.fx = True
             if pending is not None:
                 pending.append(call)
-        resident.pending = batch if pending is None else pending
+        # None, never an empty list, when nothing is pending: else the entity never looks idle.
+        resident.pending = batch if pending is None else (pending or None)
         resident.tip_version, resident.tip_data, resident.tip_obj = tip, tip_data, tip_obj
         return tip - first
 
@@ -413,7 +414,7 @@ class Engine:
         self.dispatcher.take_back(resident, batch)  # they wait for a node that can apply them
         for call in batch:
             if call.future.done():
-                resident.queued -= 1
+                self.skip(resident, call)
             else:
                 call.result = resident.error
                 if resident.pending is None:
@@ -743,6 +744,17 @@ class Engine:
             del self.residents[resident.ref]
         self.to_load.pop(resident.ref, None)
         self._made_room(resident)
+
+    def skip(self, resident: Resident, call: Call) -> None:
+        """Drop a queued call whose caller no longer waits: it never runs.
+
+        Its caller gave up while the call was out of the mailbox (running or committing), and a
+        lost write put it back. Callers waiting on its idempotency key hear that it was
+        withdrawn (one of them runs it).
+        """
+        resident.queued -= 1
+        if call.idempotency_key is not None:
+            self._forget(resident, call, Unavailable("the call was withdrawn"))
 
     def withdraw(self, resident: Resident, call: Call) -> None:
         """The caller gave up: a still-queued message is removed and never runs."""

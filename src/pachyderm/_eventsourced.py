@@ -84,7 +84,7 @@ def run_events(engine: Engine, resident: Resident, batch: list[Call]) -> None:
     ran = 0
     for index, call in enumerate(batch):
         if call.future.done():  # timed out or cancelled while queued: nothing happens
-            resident.queued -= 1
+            engine.skip(resident, call)
             continue
         entity = cls.__new__(cls)
         entity.key = key
@@ -161,7 +161,7 @@ def run_events(engine: Engine, resident: Resident, batch: list[Call]) -> None:
         if call.delivery is not None:
             resident.fx = True
         pending.append(call)
-    resident.pending = pending
+    resident.pending = pending or None  # never an empty list: else the entity never looks idle
     resident.tip_version, resident.tip_data, resident.tip_obj = tip, tip_data, tip_obj
     engine.stats["activations"] += ran
 
