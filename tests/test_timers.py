@@ -96,6 +96,23 @@ async def test_a_named_timer_is_replaced_and_cancelled(make_backend: MakeBackend
         assert await w.read(ref) == ["second"]
 
 
+async def test_replaced_timers_do_not_pile_up_in_memory(make_backend: MakeBackend) -> None:
+    """Re-arming a named timer leaves its old entry in the timer heap: dropped in bulk."""
+    clock = VirtualClock()
+    async with pachyderm.World(make_backend(), entities=ALL, clock=clock) as w:
+        refs = [(Alarm, f"a{i}") for i in range(20)]
+        for round in range(150):  # 3000 timers armed, all within the horizon: 20 stay live
+            await asyncio.gather(*[w.activate(ref, ("arm", 50, f"r{round}", "t")) for ref in refs])
+        assert timers(w) == 20
+        heap = w._engine.dispatcher._heap
+        assert len(heap) <= 2 * 20 + 1024 + 1  # not 3000
+        await clock.advance(60)
+        await until(lambda: timers(w) == 0)
+        await settle(w)
+        assert [await w.read(ref) for ref in refs] == [["r149"]] * 20  # the newest, once each
+        assert w.statistics()["timers_fired"] == 20
+
+
 async def test_a_timer_can_go_to_another_entity(make_backend: MakeBackend) -> None:
     clock = VirtualClock()
     async with pachyderm.World(make_backend(), entities=ALL, clock=clock) as w:

@@ -53,6 +53,7 @@ _FIRE_BATCH: Final = 1000
 _FIRST_RETRY: Final = 0.01
 _LAST_RETRY: Final = 5.0
 _COUNTED: Final = 4096
+_STALE_TIMERS: Final = 1024
 _new_call = Call.__new__
 
 
@@ -532,7 +533,15 @@ class Dispatcher:
         self._timers[id] = envelope
         if envelope.name is not None:
             self._names[(envelope.sender_type, envelope.sender_key, envelope.name)] = id
-        heapq.heappush(self._heap, (envelope.due, next(self._arrivals), id))
+        heap = self._heap
+        heapq.heappush(heap, (envelope.due, next(self._arrivals), id))
+        if len(heap) > 2 * len(self._timers) + _STALE_TIMERS:
+            # Replaced and cancelled timers leave their entries behind until their due time:
+            # drop them now, in place (`run` holds the list). At least half the heap is stale
+            # here, so this costs O(1) per timer added.
+            timers = self._timers
+            heap[:] = [entry for entry in heap if entry[2] in timers]
+            heapq.heapify(heap)
         if envelope.due < self._wake_at:
             self._set_wake()
 
