@@ -267,6 +267,79 @@ async def test_a_full_mailbox_holds_messages_in_order(make_backend: MakeBackend)
             assert [m for m in got if m[0] == i] == [(i, j) for j in range(10)]
 
 
+class SlowLedger(pachyderm.Entity):
+    """A ledger whose handler waits for ``gate`` (set by the test) before each message."""
+
+    gate: asyncio.Event | None = None
+
+    def init(self) -> list[Any]:
+        return []
+
+    async def activate(self, message: Any, state: list[Any]) -> Any:
+        if SlowLedger.gate is not None:
+            await SlowLedger.gate.wait()
+        return [*state, message]
+
+
+class SlowSender(pachyderm.Entity):
+    """Sends each message of a list to SlowLedger("l")."""
+
+    def init(self) -> int:
+        return 0
+
+    def activate(self, message: Any, state: int) -> Any:
+        return Update(state + 1, *(send((SlowLedger, "l"), m) for m in message))
+
+
+async def test_held_messages_are_bounded_and_the_rest_is_read_back_in_order(
+    make_backend: MakeBackend,
+) -> None:
+    """A receiver far behind its senders: at most ``10 * mailbox_size`` messages wait in memory,
+    the others in storage only; once it catches up it gets every one, once, in order per pair."""
+    SlowLedger.gate = asyncio.Event()
+    backend = make_backend()
+    types = [SlowLedger, SlowSender]
+    try:
+        async with pachyderm.World(backend, entities=types, mailbox_size=2) as w:
+            for j in range(6):  # 6 rounds of 5 senders x 10 messages: 300 for one receiver
+                await asyncio.gather(
+                    *(
+                        w.activate((SlowSender, f"s{i}"), [(i, j * 10 + k) for k in range(10)])
+                        for i in range(5)
+                    )
+                )
+            assert w.statistics()["held"] <= 20  # the cap: not 298
+            assert ("tests.test_messages.SlowLedger", "l") in w._engine.dispatcher.spilled
+            SlowLedger.gate.set()
+            await quiet(w)
+            got = await w.read((SlowLedger, "l"))
+            assert len(got) == 300  # every one, once
+            for i in range(5):
+                assert [m for m in got if m[0] == i] == [(i, n) for n in range(60)]
+            assert not w._engine.dispatcher.spilled
+        # After a restart too: the stored backlog is read with the same cap. (The world that
+        # sends closes with most of them undelivered: they wait in storage.)
+        gate = SlowLedger.gate = asyncio.Event()
+        reopened = backend if isinstance(backend, backends.Memory) else make_backend()
+        async with pachyderm.World(reopened, entities=types, mailbox_size=2) as w:
+            for i in range(5):
+                await w.activate((SlowSender, f"s{i}"), [(i, 60 + k) for k in range(40)])
+            gate.set()  # the few in its mailbox run as it closes
+        SlowLedger.gate = asyncio.Event()
+        reopened = reopened if isinstance(reopened, backends.Memory) else make_backend()
+        async with pachyderm.World(reopened, entities=types, mailbox_size=2) as w:
+            await until(lambda: w._engine.dispatcher.recovered)
+            assert w.statistics()["held"] <= 20
+            assert w.statistics()["outbox"]["messages"] > 100  # most were left to this world
+            SlowLedger.gate.set()
+            await quiet(w)
+            got = await w.read((SlowLedger, "l"))
+            for i in range(5):
+                assert [m for m in got if m[0] == i] == [(i, n) for n in range(100)]
+    finally:
+        SlowLedger.gate = None
+
+
 async def test_statistics_show_messages_that_wait_in_the_outbox(
     make_backend: MakeBackend,
 ) -> None:

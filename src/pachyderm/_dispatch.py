@@ -13,14 +13,20 @@ apply a message twice. What the dispatcher adds is liveness and order:
   a delivery failed for a reason that is not the handler's: storage unavailable, a newer stored
   version, ...), that message and every later one for that receiver wait in its *held* queue, in
   order, and are retried with a backoff.
+- **Bounded.** A held queue keeps at most ``10 * mailbox_size`` messages. Beyond that the
+  receiver is *spilled*: its new messages (and due timers) stay in storage only. Once its held
+  queue has drained, a *refill* scan reads the stored rows again, in outbox order, and delivers
+  those not already on their way; if one of its messages was left in storage while the scan ran
+  (behind its cursor, perhaps), or the queue filled up again, another refill follows, and the
+  receiver leaves the spilled set only after a refill that missed nothing.
 - **Start.** ``recover`` reads every row due within the horizon, in outbox order (so each sender's
   messages in the order it sent them), before the world serves any call: a message committed
   before a crash is delivered before any message sent after the restart.
 - **Dead letters.** A delivered message whose handler fails (``ActivationFailed``, ``Rejected``,
   ...) is consumed as a dead letter: kept in storage, counted, logged, never delivered again.
 
-Mutable state, on the event loop only: ``held``, ``doubt``, ``_heap``/``_timers``/``_names``
-(timers in memory), ``_until``, ``stats``.
+Mutable state, on the event loop only: ``held``, ``spilled``/``_missed``/``_refill``, ``doubt``,
+``_heap``/``_timers``/``_names`` (timers in memory), ``_until``, ``stats``.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ _FIRST_RETRY: Final = 0.01
 _LAST_RETRY: Final = 5.0
 _COUNTED: Final = 4096
 _STALE_TIMERS: Final = 1024
+_HELD_PER_MAILBOX: Final = 10
 _new_call = Call.__new__
 
 
@@ -96,6 +103,11 @@ class Dispatcher:
         self._mailbox_size = engine.options.mailbox_size
         # receiver ref -> envelopes waiting, in order, for room in its mailbox (or a retry).
         self.held: dict[tuple[str, str], deque[Envelope]] = {}
+        self._cap = _HELD_PER_MAILBOX * self._mailbox_size  # the most held per receiver
+        # Receivers with messages in storage only (their held queue was full): see `_refill_all`.
+        self.spilled: set[tuple[str, str]] = set()
+        self._missed: set[tuple[str, str]] = set()  # spilled ones that left a message in storage
+        self._refill = False  # a refill is due (the timer loop runs it)
         self._attempts: dict[tuple[str, str], int] = {}
         self._retry_at: dict[tuple[str, str], Any] = {}
         # Timers due within the horizon: a heap by due time; `_timers` says which are live.
@@ -191,6 +203,10 @@ class Dispatcher:
 
     def move_out(self, moved: Callable[[tuple[str, str]], bool]) -> None:
         """Entities left this node (a cluster): their held messages go to the node's router."""
+        if self.spilled:  # their new owner reads the rows they have in storage
+            gone = {ref for ref in self.spilled if moved(ref)}
+            self.spilled -= gone
+            self._missed -= gone
         remote = self.remote
         for ref in [ref for ref in self.held if moved(ref)]:
             handle = self._retry_at.pop(ref, None)
@@ -223,6 +239,51 @@ class Dispatcher:
             if len(page) < _SCAN_PAGE:
                 return
             after = page[-1].key()
+
+    async def _refill_all(self) -> None:
+        """Read again the stored rows of the spilled receivers whose held queue has drained.
+
+        One scan of the waiting rows (messages, then timers due by now), in outbox order, so
+        each sender's messages in the order it sent them: those not already on their way are
+        delivered. Timers in the heap fire from there. A receiver leaves ``spilled`` if the scan
+        left none of its messages in storage; else (its queue filled up again, or a message
+        came while the scan ran) it is refilled again once its queue drains (at once if it has
+        none). Cancellation or a storage error: the receivers stay spilled, and the next scan
+        of the timer loop tries again.
+        """
+        targets = {ref for ref in self.spilled if ref not in self.held}
+        if not targets:
+            return
+        self._missed -= targets  # from now on: what the scan may not see
+        mine, residents, timers = self.mine, self.engine.residents, self._timers
+        after: tuple[float, str, str, int, int] | None = None
+        until = self.clock.wall()
+        while not self.closing:
+            page = await self.engine.backend.due(until, after=after, limit=_SCAN_PAGE)
+            for envelope in page:
+                ref = (envelope.to_type, envelope.to_key)
+                if ref not in targets or envelope.id in timers:
+                    continue
+                if mine is not None and not mine(ref):
+                    continue
+                resident = residents.get(ref)
+                # The class's own `deliver`: a simulation's network stands in for the instance's.
+                if (resident is None or not delivering(resident, envelope.id)) and not (
+                    Dispatcher.deliver(self, envelope, refill=True)
+                ):
+                    targets.discard(ref)  # full again: the rest waits for the next refill
+            if len(page) < _SCAN_PAGE:
+                break
+            after = page[-1].key()
+        if self.closing:
+            return
+        for ref in targets:
+            if ref in self._missed:
+                self._missed.discard(ref)
+                if ref not in self.held:
+                    self._refill = True  # none held: it can take them now
+            else:
+                self.spilled.discard(ref)
 
     def _arrive(self, envelope: Envelope, *, hold: bool) -> None:
         if envelope.due == 0.0:
@@ -295,18 +356,29 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ delivering
 
-    def deliver(self, envelope: Envelope) -> None:
-        """Put a message in its receiver's mailbox (or behind the ones it holds)."""
+    def deliver(self, envelope: Envelope, *, refill: bool = False) -> bool:
+        """Put a message in its receiver's mailbox (or behind the ones it holds).
+
+        Returns False if it stays in storage only: the receiver is spilled (a refill brings
+        it in, in order; ``refill`` is that refill's delivery) or its held queue is full.
+        """
         if self.closing:
-            return  # it stays in storage, for the next start
+            return True  # it stays in storage, for the next start
         if self.remote is not None and self.remote(envelope):
-            return  # another node's entity (a cluster): forwarded
+            return True  # another node's entity (a cluster): forwarded
         ref = (envelope.to_type, envelope.to_key)
+        if self.spilled and not refill and ref in self.spilled:
+            self._missed.add(ref)
+            return False
         if self.held:
             held = self.held.get(ref)
             if held is not None:
+                if len(held) >= self._cap:
+                    self.spilled.add(ref)
+                    self._missed.add(ref)
+                    return False
                 held.append(envelope)
-                return
+                return True
         engine = self.engine
         resident = engine.residents.get(ref)
         if resident is None:
@@ -314,14 +386,15 @@ class Dispatcher:
                 info = engine.registry.by_name(envelope.to_type)
             except UnknownEntityType:
                 self._unknown(envelope)
-                return
+                return True
             resident = engine.resident(info, envelope.to_key)
         else:
             resident.hot = True
         if resident.queued >= self._mailbox_size:
             self.held[ref] = deque((envelope,))
-            return
+            return True
         self._enqueue(resident, envelope)
+        return True
 
     def _enqueue(self, resident: Resident, envelope: Envelope) -> None:
         id = envelope.id
@@ -353,6 +426,9 @@ class Dispatcher:
         held = self.held.get(ref)
         if held is None:
             self.held[ref] = deque((envelope,))
+        elif ref in self.spilled or len(held) >= self._cap:
+            self.spilled.add(ref)  # the rest stays in storage: a refill reads it, in order
+            self._missed.add(ref)
         else:
             held.append(envelope)
 
@@ -383,6 +459,9 @@ class Dispatcher:
             room -= 1
         if not held:
             del self.held[ref]
+            if ref in self.spilled:  # drained: bring in what waits in storage
+                self._refill = True
+                self._set_wake()
 
     def retry(self, resident: Resident, calls: list[Call]) -> None:
         """These deliveries could not be applied now (not the handler's fault): try again later.
@@ -565,11 +644,17 @@ class Dispatcher:
             if now >= next_scan or self._sweep:
                 next_scan = now + self.horizon / 2
                 sweep, self._sweep = self.mine is not None, False
+                self._refill = self._refill or bool(self.spilled)  # one that failed, say
                 with contextlib.suppress(PachydermError):  # storage away: try at the next one
                     await self._scan(now + self.horizon)
                     if sweep:
                         await self._sweep_messages()
                 continue  # time moved while it scanned
+            if self._refill:
+                self._refill = False
+                with contextlib.suppress(PachydermError):  # storage away: the next scan retries
+                    await self._refill_all()
+                continue
             fired = 0
             while heap and heap[0][0] <= now and fired < _FIRE_BATCH:
                 envelope = timers.pop(heapq.heappop(heap)[2], None)

@@ -112,7 +112,7 @@ class Network:
         rng: random.Random,
         faults: Faults,
         *,
-        deliver: Callable[[Envelope], None],
+        deliver: Callable[[Envelope], object],
         call: Callable[[ClientCall], None],
         note: Callable[[str], None],
         chooser: Chooser | None = None,

@@ -216,7 +216,8 @@ class Simulation:
         engine = world._engine
         engine.observer = self._observe
         self.network.deliver = engine.dispatcher.deliver
-        engine.dispatcher.deliver = self.network.accept  # type: ignore[method-assign]
+        # Refills read stored rows again (`Dispatcher._refill_all`): they bypass the network.
+        engine.dispatcher.deliver = self.network.accept  # type: ignore[method-assign, assignment]
         return world
 
     def restart(self) -> None:
