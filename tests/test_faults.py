@@ -12,6 +12,7 @@ import pachyderm
 from pachyderm import backends
 from pachyderm.backends import Stored, Write
 
+from .test_events import Account
 from .test_world import ALL, Counter, Log
 
 
@@ -177,24 +178,12 @@ async def test_a_cancelled_idempotent_call_does_not_block_its_retry() -> None:
         assert await w.activate(ref, "x", idempotency_key="k") == 2  # from the receipt
 
 
-class Tally(pachyderm.EventSourced):
-    """An event-sourced counter: each command appends one event, 1."""
-
-    name = "tests.faults.Tally"
-
-    def init(self) -> int:
-        return 0
-
-    def handle(self, command: Any, state: int) -> list[int]:
-        return [1]
-
-    def apply(self, event: int, state: int) -> int:
-        return state + event
-
-
-@pytest.mark.parametrize("kind", [Counter, Tally])
+@pytest.mark.parametrize(
+    ("kind", "message", "result"),
+    [(Counter, 1, 1), (Account, ("deposit", 1), {"balance": 1, "open": False})],
+)
 async def test_a_call_given_up_on_the_tip_of_a_failed_commit_leaves_nothing_behind(
-    kind: type[pachyderm.Entity],
+    kind: type[pachyderm.Entity], message: Any, result: Any
 ) -> None:
     """A call runs on the tip of a write in flight, its caller gives up, and the write fails.
 
@@ -210,18 +199,18 @@ async def test_a_call_given_up_on_the_tip_of_a_failed_commit_leaves_nothing_behi
             return await super().commit(writes)
 
     backend = Held()
-    w = pachyderm.World(backend, entities=[*ALL, Tally])
+    w = pachyderm.World(backend, entities=[*ALL, Account])
     await w.start()
     try:
         for key in (None, "k"):
             gate.clear()
             ref = (kind, f"c-{key}")
-            first = asyncio.ensure_future(w.activate(ref, 1))
+            first = asyncio.ensure_future(w.activate(ref, message))
             while (resident := w._engine.residents.get((kind.name, ref[1]))) is None or (
                 resident.inflight is None
             ):
                 await asyncio.sleep(0)
-            second = asyncio.ensure_future(w.activate(ref, 1, idempotency_key=key))
+            second = asyncio.ensure_future(w.activate(ref, message, idempotency_key=key))
             while not resident.pending:  # run on the tip, waiting for the write in flight
                 await asyncio.sleep(0)
             second.cancel()
@@ -237,7 +226,8 @@ async def test_a_call_given_up_on_the_tip_of_a_failed_commit_leaves_nothing_behi
             assert resident.quiescent()  # so it may be passivated
             assert resident.idempotent is None  # no entry left for the key
             if key is not None:  # a retry with the key runs it, and does not wait forever
-                assert await asyncio.wait_for(w.activate(ref, 1, idempotency_key=key), 5) == 1
+                retry = w.activate(ref, message, idempotency_key=key)
+                assert await asyncio.wait_for(retry, 5) == result
     finally:
         # `aclose` waits for every call in progress: none is left that nobody waits for.
         await asyncio.wait_for(w.aclose(), 5)
