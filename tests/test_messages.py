@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 import pachyderm
-from pachyderm import Update, backends, send
+from pachyderm import Update, after, backends, send
 from pachyderm._dispatch import Dispatcher
+
+from ._vclock import VirtualClock
 
 MakeBackend = Callable[[], backends.Backend]
 
@@ -282,12 +284,14 @@ class SlowLedger(pachyderm.Entity):
 
 
 class SlowSender(pachyderm.Entity):
-    """Sends each message of a list to SlowLedger("l")."""
+    """Sends each message of a list to SlowLedger("l"); ("ring", s): a timer for it, in s."""
 
     def init(self) -> int:
         return 0
 
     def activate(self, message: Any, state: int) -> Any:
+        if message[0] == "ring":
+            return Update(state + 1, after(message[1], "ring", to=(SlowLedger, "l")))
         return Update(state + 1, *(send((SlowLedger, "l"), m) for m in message))
 
 
@@ -336,6 +340,42 @@ async def test_held_messages_are_bounded_and_the_rest_is_read_back_in_order(
             got = await w.read((SlowLedger, "l"))
             for i in range(5):
                 assert [m for m in got if m[0] == i] == [(i, n) for n in range(100)]
+    finally:
+        SlowLedger.gate = None
+
+
+async def test_a_timer_left_in_storage_fires_though_the_wall_clock_stepped_back(
+    make_backend: MakeBackend,
+) -> None:
+    """A timer that fires while its receiver is spilled waits in storage; the refill finds it
+    even if the wall clock has stepped back below its due time since (NTP, say)."""
+
+    class Stepped(VirtualClock):
+        offset = 0.0
+
+        def wall(self) -> float:
+            return self.now + self.offset
+
+    clock = Stepped()
+    SlowLedger.gate = asyncio.Event()
+    types = [SlowLedger, SlowSender]
+    try:
+        async with pachyderm.World(
+            make_backend(), entities=types, mailbox_size=1, timer_horizon=2.0, clock=clock
+        ) as w:
+            await w.activate((SlowSender, "s"), ("ring", 0.2))  # in the timer heap
+            await w.activate((SlowSender, "s"), [("m", i) for i in range(15)])
+            spilled = w._engine.dispatcher.spilled
+            assert ("tests.test_messages.SlowLedger", "l") in spilled  # 1 + 10 held, 4 stored
+            await clock.advance(0.4)  # it fires: the receiver is spilled, so it stays stored
+            assert w.statistics()["timers_in_memory"] == 0
+            clock.offset = -1.0  # the wall clock steps back below its due time
+            SlowLedger.gate.set()
+            await quiet(w)
+            await until(lambda: w.statistics()["outbox"]["timers"] == 0)
+            got = await w.read((SlowLedger, "l"))
+            assert got == [*(("m", i) for i in range(15)), "ring"]  # every one, once
+            assert not spilled
     finally:
         SlowLedger.gate = None
 

@@ -243,7 +243,7 @@ class Dispatcher:
     async def _refill_all(self) -> None:
         """Read again the stored rows of the spilled receivers whose held queue has drained.
 
-        One scan of the waiting rows (messages, then timers due by now), in outbox order, so
+        One scan of the waiting rows (messages, then timers already fired), in outbox order, so
         each sender's messages in the order it sent them: those not already on their way are
         delivered. Timers in the heap fire from there. A receiver leaves ``spilled`` if the scan
         left none of its messages in storage; else (its queue filled up again, or a message
@@ -257,7 +257,10 @@ class Dispatcher:
         self._missed -= targets  # from now on: what the scan may not see
         mine, residents, timers = self.mine, self.engine.residents, self._timers
         after: tuple[float, str, str, int, int] | None = None
-        until = self.clock.wall()
+        # Timers due up to `_until` are in the heap (skipped here) or fired already; fired ones
+        # may be among those left in storage, whatever the wall clock says now (it may have
+        # stepped back since they fired).
+        until = max(self.clock.wall(), self._until)
         while not self.closing:
             page = await self.engine.backend.due(until, after=after, limit=_SCAN_PAGE)
             for envelope in page:
@@ -459,9 +462,13 @@ class Dispatcher:
             room -= 1
         if not held:
             del self.held[ref]
-            if ref in self.spilled:  # drained: bring in what waits in storage
-                self._refill = True
-                self._set_wake()
+            self._drained(ref)
+
+    def _drained(self, ref: tuple[str, str]) -> None:
+        """``ref``'s held queue is gone: if it is spilled, bring in what waits in storage."""
+        if ref in self.spilled:
+            self._refill = True
+            self._set_wake()
 
     def retry(self, resident: Resident, calls: list[Call]) -> None:
         """These deliveries could not be applied now (not the handler's fault): try again later.
@@ -577,6 +584,7 @@ class Dispatcher:
                     self.held[ref] = kept
                 else:
                     del self.held[ref]
+                    self._drained(ref)
 
     async def recheck(self, residents: list[Resident]) -> None:
         """Drop the deliveries whose outbox row is gone (applied or cancelled meanwhile).

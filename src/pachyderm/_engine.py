@@ -755,6 +755,7 @@ class Engine:
         resident.queued -= 1
         if call.idempotency_key is not None:
             self._forget(resident, call, Unavailable("the call was withdrawn"))
+        self._made_room(resident)
 
     def withdraw(self, resident: Resident, call: Call) -> None:
         """The caller gave up: a still-queued message is removed and never runs."""
