@@ -344,6 +344,41 @@ async def test_held_messages_are_bounded_and_the_rest_is_read_back_in_order(
         SlowLedger.gate = None
 
 
+async def test_a_message_that_comes_while_a_refill_scans_is_read_by_the_next() -> None:
+    """A refill's page is read, then a sender commits more messages to the spilled receiver:
+    they may be behind the scan's cursor, so they stay in storage until another refill."""
+
+    class Paused(backends.Memory):
+        armed = False
+        paused = asyncio.Event()
+        resume = asyncio.Event()
+
+        async def due(self, until: float, **kwargs: Any) -> Any:
+            page = await super().due(until, **kwargs)  # read before the new messages commit
+            if self.armed:
+                self.armed = False
+                self.paused.set()
+                await self.resume.wait()
+            return page
+
+    backend = Paused()
+    SlowLedger.gate = asyncio.Event()
+    try:
+        async with pachyderm.World(backend, entities=[SlowLedger, SlowSender], mailbox_size=1) as w:
+            await w.activate((SlowSender, "s"), [("m", i) for i in range(15)])  # 4 stored only
+            backend.armed = True
+            SlowLedger.gate.set()  # it catches up with what it holds: the refill begins
+            await asyncio.wait_for(backend.paused.wait(), 10)
+            await w.activate((SlowSender, "s"), [("m", i) for i in range(15, 18)])
+            backend.resume.set()
+            await quiet(w)
+            got = await w.read((SlowLedger, "l"))
+            assert got == [("m", i) for i in range(18)]  # every one, once, in order
+            assert not w._engine.dispatcher.spilled
+    finally:
+        SlowLedger.gate = None
+
+
 async def test_a_timer_left_in_storage_fires_though_the_wall_clock_stepped_back(
     make_backend: MakeBackend,
 ) -> None:
