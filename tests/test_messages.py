@@ -344,17 +344,21 @@ async def test_held_messages_are_bounded_and_the_rest_is_read_back_in_order(
         SlowLedger.gate = None
 
 
-async def test_a_message_that_comes_while_a_refill_scans_is_read_by_the_next() -> None:
+@pytest.mark.parametrize("coming", [3, 12])
+async def test_messages_that_come_while_a_refill_scans_go_after_what_it_finds(coming: int) -> None:
     """A refill's page is read, then a sender commits more messages to the spilled receiver:
-    they may be behind the scan's cursor, so they stay in storage until another refill."""
+    they may be behind the scan's cursor, so the refill keeps them aside and delivers them
+    after what it found (more than the cap would wait in storage for another refill)."""
 
     class Paused(backends.Memory):
         armed = False
+        scans = 0
         paused = asyncio.Event()
         resume = asyncio.Event()
 
         async def due(self, until: float, **kwargs: Any) -> Any:
             page = await super().due(until, **kwargs)  # read before the new messages commit
+            self.scans += 1
             if self.armed:
                 self.armed = False
                 self.paused.set()
@@ -369,12 +373,18 @@ async def test_a_message_that_comes_while_a_refill_scans_is_read_by_the_next() -
             backend.armed = True
             SlowLedger.gate.set()  # it catches up with what it holds: the refill begins
             await asyncio.wait_for(backend.paused.wait(), 10)
-            await w.activate((SlowSender, "s"), [("m", i) for i in range(15, 18)])
+            scans = backend.scans
+            await w.activate((SlowSender, "s"), [("m", i) for i in range(15, 15 + coming)])
             backend.resume.set()
             await quiet(w)
             got = await w.read((SlowLedger, "l"))
-            assert got == [("m", i) for i in range(18)]  # every one, once, in order
+            assert got == [("m", i) for i in range(15 + coming)]  # every one, once, in order
             assert not w._engine.dispatcher.spilled
+            if coming < 10:
+                assert backend.scans == scans  # one refill was enough
+            else:  # more than the cap (10) came: they waited in storage for another refill
+                assert backend.scans > scans
+            assert not w._engine.dispatcher._coming
     finally:
         SlowLedger.gate = None
 

@@ -16,9 +16,9 @@ apply a message twice. What the dispatcher adds is liveness and order:
 - **Bounded.** A held queue keeps at most ``10 * mailbox_size`` messages. Beyond that the
   receiver is *spilled*: its new messages (and due timers) stay in storage only. Once its held
   queue has drained, a *refill* scan reads the stored rows again, in outbox order, and delivers
-  those not already on their way; if one of its messages was left in storage while the scan ran
-  (behind its cursor, perhaps), or the queue filled up again, another refill follows, and the
-  receiver leaves the spilled set only after a refill that missed nothing.
+  those not already on their way, then the messages that came while it ran (up to the cap; they
+  may be behind its cursor). If more came, or the queue filled up again, another refill follows:
+  the receiver leaves the spilled set only after a refill that left nothing in storage.
 - **Start.** ``recover`` reads every row due within the horizon, in outbox order (so each sender's
   messages in the order it sent them), before the world serves any call: a message committed
   before a crash is delivered before any message sent after the restart.
@@ -107,6 +107,9 @@ class Dispatcher:
         # Receivers with messages in storage only (their held queue was full): see `_refill_all`.
         self.spilled: set[tuple[str, str]] = set()
         self._missed: set[tuple[str, str]] = set()  # spilled ones that left a message in storage
+        # The receivers a refill is scanning for, with the messages that came meanwhile (None:
+        # more than the cap came; they are left in storage, and the receiver stays spilled).
+        self._coming: dict[tuple[str, str], list[Envelope] | None] = {}
         self._refill = False  # a refill is due (the timer loop runs it)
         self._attempts: dict[tuple[str, str], int] = {}
         self._retry_at: dict[tuple[str, str], Any] = {}
@@ -245,16 +248,55 @@ class Dispatcher:
 
         One scan of the waiting rows (messages, then timers already fired), in outbox order, so
         each sender's messages in the order it sent them: those not already on their way are
-        delivered. Timers in the heap fire from there. A receiver leaves ``spilled`` if the scan
-        left none of its messages in storage; else (its queue filled up again, or a message
-        came while the scan ran) it is refilled again once its queue drains (at once if it has
-        none). Cancellation or a storage error: the receivers stay spilled, and the next scan
-        of the timer loop tries again.
+        delivered. Timers in the heap fire from there. Messages that come while the scan runs
+        (up to the cap) are kept aside, then delivered after it, unless it found them: each is
+        later than every message of its sender that the scan found, since a sender's rows are
+        committed in order. A receiver leaves ``spilled`` if nothing of it was left in storage;
+        else (its queue filled up again, or more than the cap came meanwhile) it is refilled
+        again once its queue drains (at once if it has none). Cancellation or a storage error:
+        the receivers stay spilled, and the next scan of the timer loop tries again.
         """
         targets = {ref for ref in self.spilled if ref not in self.held}
         if not targets:
             return
         self._missed -= targets  # from now on: what the scan may not see
+        coming = self._coming
+        for ref in targets:
+            coming[ref] = []
+        try:
+            found = await self._scan_for(set(targets))
+        finally:
+            late = {ref: coming.pop(ref, None) for ref in targets}
+        if self.closing:
+            return
+        residents = self.engine.residents
+        for ref in targets:
+            arrived = late[ref]
+            if arrived is None or ref in self._missed:
+                continue  # left in storage: another refill
+            for envelope in arrived:
+                resident = residents.get(ref)
+                if envelope.id in found or (
+                    resident is not None and delivering(resident, envelope.id)
+                ):
+                    continue
+                if not Dispatcher.deliver(self, envelope, refill=True):
+                    break  # full again (and marked missed): the rest waits in storage
+        for ref in targets:
+            if ref in self._missed:
+                self._missed.discard(ref)
+                if ref not in self.held:
+                    self._refill = True  # none held: it can take them now
+            else:
+                self.spilled.discard(ref)
+
+    async def _scan_for(self, targets: set[tuple[str, str]]) -> set[EnvelopeId]:
+        """The refill's scan: deliver the waiting rows of ``targets``; return the ids found.
+
+        A target whose held queue fills up again is dropped from ``targets`` (and marked
+        missed by ``deliver``): the rest of its rows wait for its next refill.
+        """
+        found: set[EnvelopeId] = set()
         mine, residents, timers = self.mine, self.engine.residents, self._timers
         after: tuple[float, str, str, int, int] | None = None
         # Timers due up to `_until` are in the heap (skipped here) or fired already; fired ones
@@ -269,6 +311,7 @@ class Dispatcher:
                     continue
                 if mine is not None and not mine(ref):
                     continue
+                found.add(envelope.id)
                 resident = residents.get(ref)
                 # The class's own `deliver`: a simulation's network stands in for the instance's.
                 if (resident is None or not delivering(resident, envelope.id)) and not (
@@ -278,15 +321,7 @@ class Dispatcher:
             if len(page) < _SCAN_PAGE:
                 break
             after = page[-1].key()
-        if self.closing:
-            return
-        for ref in targets:
-            if ref in self._missed:
-                self._missed.discard(ref)
-                if ref not in self.held:
-                    self._refill = True  # none held: it can take them now
-            else:
-                self.spilled.discard(ref)
+        return found
 
     def _arrive(self, envelope: Envelope, *, hold: bool) -> None:
         if envelope.due == 0.0:
@@ -371,7 +406,12 @@ class Dispatcher:
             return True  # another node's entity (a cluster): forwarded
         ref = (envelope.to_type, envelope.to_key)
         if self.spilled and not refill and ref in self.spilled:
-            self._missed.add(ref)
+            coming = self._coming.get(ref)
+            if coming is not None and len(coming) < self._cap:
+                coming.append(envelope)  # a refill scans for it: it goes after what it finds
+            else:
+                self._coming.pop(ref, None)
+                self._missed.add(ref)
             return False
         if self.held:
             held = self.held.get(ref)
