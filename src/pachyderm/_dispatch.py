@@ -269,18 +269,12 @@ class Dispatcher:
             late = {ref: coming.pop(ref, None) for ref in targets}
         if self.closing:
             return
-        residents = self.engine.residents
         for ref in targets:
             arrived = late[ref]
             if arrived is None or ref in self._missed:
                 continue  # left in storage: another refill
             for envelope in arrived:
-                resident = residents.get(ref)
-                if envelope.id in found or (
-                    resident is not None and delivering(resident, envelope.id)
-                ):
-                    continue
-                if not Dispatcher.deliver(self, envelope, refill=True):
+                if envelope.id not in found and not self._admit(envelope, ref):
                     break  # full again (and marked missed): the rest waits in storage
         for ref in targets:
             if ref in self._missed:
@@ -297,7 +291,7 @@ class Dispatcher:
         missed by ``deliver``): the rest of its rows wait for its next refill.
         """
         found: set[EnvelopeId] = set()
-        mine, residents, timers = self.mine, self.engine.residents, self._timers
+        mine, timers = self.mine, self._timers
         after: tuple[float, str, str, int, int] | None = None
         # Timers due up to `_until` are in the heap (skipped here) or fired already; fired ones
         # may be among those left in storage, whatever the wall clock says now (it may have
@@ -312,16 +306,23 @@ class Dispatcher:
                 if mine is not None and not mine(ref):
                     continue
                 found.add(envelope.id)
-                resident = residents.get(ref)
-                # The class's own `deliver`: a simulation's network stands in for the instance's.
-                if (resident is None or not delivering(resident, envelope.id)) and not (
-                    Dispatcher.deliver(self, envelope, refill=True)
-                ):
+                if not self._admit(envelope, ref):
                     targets.discard(ref)  # full again: the rest waits for the next refill
             if len(page) < _SCAN_PAGE:
                 break
             after = page[-1].key()
         return found
+
+    def _admit(self, envelope: Envelope, ref: tuple[str, str]) -> bool:
+        """A refill's delivery to a spilled receiver, unless it is on its way already.
+
+        False: its held queue is full again (``deliver`` marked it missed). The class's own
+        ``deliver``, since a simulation's network stands in for the instance's.
+        """
+        resident = self.engine.residents.get(ref)
+        if resident is not None and delivering(resident, envelope.id):
+            return True
+        return Dispatcher.deliver(self, envelope, refill=True)
 
     def _arrive(self, envelope: Envelope, *, hold: bool) -> None:
         if envelope.due == 0.0:

@@ -748,9 +748,9 @@ class Engine:
     def skip(self, resident: Resident, call: Call) -> None:
         """Drop a queued call whose caller no longer waits: it never runs.
 
-        Its caller gave up while the call was out of the mailbox (running or committing), and a
-        lost write put it back. Callers waiting on its idempotency key hear that it was
-        withdrawn (one of them runs it).
+        For ``withdraw``, and for the runner when a lost write put back a call whose caller
+        gave up while it was out of the mailbox (running or committing). Callers waiting on its
+        idempotency key hear that it was withdrawn (one of them runs it).
         """
         resident.queued -= 1
         if call.idempotency_key is not None:
@@ -762,7 +762,4 @@ class Engine:
         mailbox = resident.mailbox
         if mailbox is not None and call in mailbox:
             mailbox.remove(call)
-            resident.queued -= 1
-            if call.idempotency_key is not None:
-                self._forget(resident, call, Unavailable("the call was withdrawn"))
-            self._made_room(resident)
+            self.skip(resident, call)
