@@ -197,3 +197,33 @@ async def test_passivation_by_resident_count(make_backend: MakeBackend) -> None:
         values: list[Any] = [await w.read((Counter, str(i))) for i in range(100)]
         assert values == list(range(100))
         assert w.statistics()["resident"] <= 10
+
+
+async def test_a_new_resident_takes_the_write_a_passivated_one_left(
+    make_backend: MakeBackend,
+) -> None:
+    """With one resident at a time, state and event-sourced entities take turns on one write
+    (a miss makes no new `Write`); each stores only its own state and events."""
+    from pachyderm._passivation import SPARE_WRITES
+
+    from .test_events import Account, events_of
+
+    backend = make_backend()
+    types = [*types_for(backend), Account]
+    async with pachyderm.World(backend, entities=types, max_resident=1) as w:
+        writes = []  # held, so that no two of them can share an id
+        for _ in range(3):
+            for i in range(4):
+                await w.activate((Counter, f"c{i}"), 2)
+                await w.activate((Account, f"a{i}"), ("deposit", 5))
+                writes.extend(r.write for r in w._engine.residents.values())
+        assert len({id(write) for write in writes}) <= 2  # not one write per miss
+        assert len(w._engine.spare_writes) <= SPARE_WRITES
+        assert w.statistics()["resident"] <= 2
+    async with pachyderm.World(make_backend(), entities=types) as w:
+        for i in range(4):
+            assert await w.read((Counter, f"c{i}")) == 6
+            assert await w.read((Account, f"a{i}")) == {"balance": 15, "open": False}
+            assert await events_of(w, (Account, f"a{i}")) == [
+                (s, ("deposited", 5)) for s in (1, 2, 3)
+            ]

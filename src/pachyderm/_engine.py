@@ -79,6 +79,10 @@ class Engine:
         # Whether a resident keeps its write for the next one: not when the backend may still
         # read a write after its commit returned (`Backend.keeps_writes`).
         self._reuse_writes = not backend.keeps_writes
+        # The writes of passivated residents, for new residents to take (at most
+        # `SPARE_WRITES`): a miss then makes no `Write`, so a wave of misses is not a wave of
+        # new objects, each of which counts toward the garbage collector's next young collection.
+        self.spare_writes: list[Write] = []
         self.stats = {
             "activations": 0,
             "failures": 0,
@@ -223,6 +227,7 @@ class Engine:
         new_write = Write.__new__
         fence_of = self.fence_of
         reuse = self._reuse_writes
+        spare = self.spare_writes
         while True:
             if not ready:
                 self.run_waiter = self.loop.create_future()
@@ -283,10 +288,10 @@ class Engine:
                 # The resident's own write, reused once its commit is done (the backend keeps
                 # none: `keeps_writes`): what stays the same (type, key, type version) is set
                 # once, and no object is made per activation. Else a `Write(...)` made without
-                # its Python __init__ frame.
+                # its Python __init__ frame, or one a passivated resident left.
                 write = resident.write
                 if write is None:
-                    write = new_write(Write)
+                    write = spare.pop() if spare else new_write(Write)
                     write.type_name = info.name
                     write.key = resident.key
                     write.type_version = info.version

@@ -15,11 +15,26 @@ from typing import TYPE_CHECKING, Final
 from ._errors import PachydermError
 
 if TYPE_CHECKING:
+    from ._core._resident import Resident
     from ._engine import Engine
 
-__all__ = ["evict_over_limit", "sweep"]
+__all__ = ["SPARE_WRITES", "evict_over_limit", "sweep"]
 
 _EVICT_STEPS: Final = 64
+#: At most this many writes of passivated residents are kept for new residents to take.
+SPARE_WRITES: Final = 1024
+
+
+def _passivate(engine: Engine, resident: Resident) -> None:
+    """The quiescent ``resident`` leaves memory; its write (no commit reads it) is kept aside."""
+    del engine.residents[resident.ref]
+    engine.stats["passivated"] += 1
+    write = resident.write
+    if write is not None:
+        resident.write = None  # never two residents on one write
+        spare = engine.spare_writes
+        if len(spare) < SPARE_WRITES:
+            spare.append(write)
 
 
 def evict_over_limit(engine: Engine) -> None:
@@ -40,8 +55,7 @@ def evict_over_limit(engine: Engine) -> None:
         if resident.hot:
             resident.hot = False
         elif resident.quiescent():
-            del residents[resident.ref]
-            engine.stats["passivated"] += 1
+            _passivate(engine, resident)
             excess -= 1
             continue
         order.append(resident)
@@ -65,8 +79,7 @@ async def sweep(engine: Engine) -> None:
             if residents.get(resident.ref) is not resident:
                 continue
             if resident.used <= cutoff and resident.quiescent():
-                del residents[resident.ref]
-                engine.stats["passivated"] += 1
+                _passivate(engine, resident)
                 continue
             order.append(resident)
         if now >= next_prune:
