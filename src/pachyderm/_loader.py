@@ -144,7 +144,8 @@ def _install(
     if channels and resident.error is None:
         for channel in channels:  # another writer may have moved it on: tell followers
             channel.push(version, data)
-    wake_loaded(resident)
+    if resident.loaded is not None:  # readers and followers wait for it (calls do not)
+        wake_loaded(resident)
     if resident.mailbox:
         engine.schedule(resident)
 

@@ -44,11 +44,11 @@ def evict_over_limit(engine: Engine) -> None:
     entities (which cannot leave) costs O(1) per call; the limit is then exceeded until they
     are idle, by at most the number of entities with calls in progress.
     """
-    excess = len(engine.residents) - engine.options.max_resident
     order, residents = engine.order, engine.residents
+    excess = len(residents) - engine.options.max_resident
+    if excess <= 0:
+        return
     for _ in range(min(_EVICT_STEPS, len(order))):
-        if excess <= 0:
-            break
         resident = order.popleft()
         if residents.get(resident.ref) is not resident:
             continue  # already gone: drop its place
@@ -57,6 +57,8 @@ def evict_over_limit(engine: Engine) -> None:
         elif resident.quiescent():
             _passivate(engine, resident)
             excess -= 1
+            if excess <= 0:
+                return
             continue
         order.append(resident)
 
