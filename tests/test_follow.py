@@ -227,3 +227,14 @@ async def test_a_new_resident_takes_the_write_a_passivated_one_left(
             assert await events_of(w, (Account, f"a{i}")) == [
                 (s, ("deposited", 5)) for s in (1, 2, 3)
             ]
+
+
+async def test_a_spare_write_holds_none_of_its_passivated_state() -> None:
+    """The write a passivated resident leaves for the next new one keeps none of its data."""
+    async with pachyderm.World(backends.Memory(), entities=[Log], max_resident=1) as w:
+        await w.activate((Log, "a"), "x" * 100_000)
+        await w.read((Log, "b"))  # a new resident, which writes nothing: "a" leaves
+        assert w.statistics()["resident"] == 1
+        [write] = w._engine.spare_writes
+        assert (write.data, write.receipts, write.events, write.outbox) == (b"", (), None, None)
+        assert await w.activate((Log, "a"), "y") == ["x" * 100_000, "y"]

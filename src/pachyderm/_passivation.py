@@ -34,6 +34,8 @@ def _passivate(engine: Engine, resident: Resident) -> None:
         resident.write = None  # never two residents on one write
         spare = engine.spare_writes
         if len(spare) < SPARE_WRITES:
+            # Keep none of its data: a spare write must not hold a passivated state in memory.
+            write.data, write.receipts, write.events, write.outbox = b"", (), None, None
             spare.append(write)
 
 
