@@ -36,6 +36,7 @@ def _passivate(engine: Engine, resident: Resident) -> None:
         if len(spare) < SPARE_WRITES:
             # Keep none of its data: a spare write must not hold a passivated state in memory.
             write.data, write.receipts, write.events, write.outbox = b"", (), None, None
+            write.key, write.fence = "", None
             spare.append(write)
 
 

@@ -214,8 +214,9 @@ class Backend(abc.ABC):
     networked: ClassVar[bool] = False
     #: Whether the backend may still read a ``Write`` after its ``commit`` call returned or
     #: raised (it keeps the object, or a thread still works on it). When ``False``, the world
-    #: gives the ``Write`` objects of a commit that returned to later writes, with every field
-    #: set again: one object less for the garbage collector per activation. ``True``, the safe
+    #: gives the ``Write`` objects of a commit that returned to later writes, of the same entity
+    #: or (once it was passivated) of another, with every field set again: one object less for
+    #: the garbage collector per activation. ``True``, the safe
     #: default for a backend of one's own, makes a new ``Write`` every time.
     keeps_writes: ClassVar[bool] = True
 
