@@ -237,5 +237,6 @@ async def test_a_spare_write_holds_none_of_its_passivated_state() -> None:
         assert w.statistics()["resident"] == 1
         [write] = w._engine.spare_writes
         assert (write.key, write.data, write.receipts, write.events) == ("", b"", (), None)
-        assert write.outbox is None and write.fence is None
+        assert write.outbox is None
+        assert write.fence is None
         assert await w.activate((Log, "a"), "y") == ["x" * 100_000, "y"]

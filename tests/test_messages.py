@@ -344,6 +344,43 @@ async def test_held_messages_are_bounded_and_the_rest_is_read_back_in_order(
         SlowLedger.gate = None
 
 
+async def test_a_refill_reads_about_what_it_delivers_not_the_whole_backlog() -> None:
+    """Each refill stops reading once its receivers are full again: draining a backlog of n
+    messages reads a few rows per message, not n / cap scans of the whole backlog."""
+
+    class Counting(backends.Memory):
+        rows = 0
+
+        async def due(self, until: float, **kw: Any) -> list[backends.Envelope]:
+            page = await super().due(until, **kw)
+            Counting.rows += len(page)
+            return page
+
+    SlowLedger.gate = asyncio.Event()
+    try:
+        async with pachyderm.World(
+            Counting(), entities=[SlowLedger, SlowSender], mailbox_size=1
+        ) as w:
+            for j in range(5):  # 20 senders x 100 messages for one receiver, whose cap is 10
+                await asyncio.gather(
+                    *(
+                        w.activate((SlowSender, f"s{i}"), [(i, j * 20 + k) for k in range(20)])
+                        for i in range(20)
+                    )
+                )
+            assert w.statistics()["outbox"]["messages"] > 1900  # nearly all wait in storage
+            Counting.rows = 0
+            SlowLedger.gate.set()
+            await quiet(w)
+            got = await w.read((SlowLedger, "l"))
+            assert len(got) == 2000
+            for i in range(20):
+                assert [m for m in got if m[0] == i] == [(i, n) for n in range(100)]
+            assert Counting.rows < 5 * 2000  # reading the whole backlog each time: ~200 000
+    finally:
+        SlowLedger.gate = None
+
+
 @pytest.mark.parametrize("coming", [3, 12])
 async def test_messages_that_come_while_a_refill_scans_go_after_what_it_finds(coming: int) -> None:
     """A refill's page is read, then a sender commits more messages to the spilled receiver:

@@ -288,7 +288,9 @@ class Dispatcher:
         """The refill's scan: deliver the waiting rows of ``targets``; return the ids found.
 
         A target whose held queue fills up again is dropped from ``targets`` (and marked
-        missed by ``deliver``): the rest of its rows wait for its next refill.
+        missed by ``deliver``): the rest of its rows wait for its next refill. The scan stops
+        when no target is left, so a refill reads about as many rows as it can deliver, not
+        the whole backlog: its pages start at twice what its targets can take, and double.
         """
         found: set[EnvelopeId] = set()
         mine, timers = self.mine, self._timers
@@ -297,8 +299,9 @@ class Dispatcher:
         # may be among those left in storage, whatever the wall clock says now (it may have
         # stepped back since they fired).
         until = max(self.clock.wall(), self._until)
-        while not self.closing:
-            page = await self.engine.backend.due(until, after=after, limit=_SCAN_PAGE)
+        limit = min(_SCAN_PAGE, 2 * self._cap * len(targets))
+        while targets and not self.closing:
+            page = await self.engine.backend.due(until, after=after, limit=limit)
             for envelope in page:
                 ref = (envelope.to_type, envelope.to_key)
                 if ref not in targets or envelope.id in timers:
@@ -308,9 +311,12 @@ class Dispatcher:
                 found.add(envelope.id)
                 if not self._admit(envelope, ref):
                     targets.discard(ref)  # full again: the rest waits for the next refill
-            if len(page) < _SCAN_PAGE:
+                    if not targets:
+                        break
+            if len(page) < limit:
                 break
             after = page[-1].key()
+            limit = min(_SCAN_PAGE, 2 * limit)
         return found
 
     def _admit(self, envelope: Envelope, ref: tuple[str, str]) -> bool:
