@@ -292,7 +292,10 @@ class Backend(abc.ABC):
         """Return up to ``limit`` outbox rows, not dead, with ``due <= until``, in ``key()`` order.
 
         Only rows whose ``key()`` is greater than ``after`` (when given): the key of the last row
-        of the previous page. Rows committed while paging may or may not appear.
+        of the previous page. Rows committed while paging may or may not appear on its next
+        pages; a call whose ``after`` is not the last key of the page before is a new scan, which
+        sees every row committed before it. Fewer than ``limit`` rows means that no more match:
+        the world's scans stop at the first short page.
         """
 
     @abc.abstractmethod

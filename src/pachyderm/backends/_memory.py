@@ -80,8 +80,9 @@ class _Space:
         self.dead: dict[EnvelopeId, tuple[Envelope, str]] = {}
         self.names: dict[tuple[str, str, str], EnvelopeId] = {}
         self.counts = {"messages": 0, "timers": 0, "dead": 0}
-        # The rows of the last `due` scan, sorted, so that its next pages cost O(page).
-        self.snapshot: tuple[float, list[Envelope]] | None = None
+        # The last `due` scan: its `until`, its rows sorted, the key of the last row it gave and
+        # where the next page starts, so that a page that continues it costs O(page).
+        self.snapshot: tuple[float, list[Envelope], object, int] | None = None
 
     def take(self, id: EnvelopeId) -> Envelope | None:
         """Remove a waiting row (and its name); return it, or None if it is not waiting."""
@@ -251,12 +252,17 @@ class Memory(Backend):
     ) -> list[Envelope]:
         space = self._open_space()
         snapshot = space.snapshot
-        if after is None or snapshot is None or snapshot[0] != until:
-            # A new scan: sort what is due once; its next pages bisect into it.
+        if (
+            snapshot is not None
+            and after is not None
+            and snapshot[0] == until
+            and snapshot[2] == after
+        ):
+            rows, i = snapshot[1], snapshot[3]  # the next page of the last scan
+        else:
+            # A new scan, which sees every row committed before it: sort what is due once.
             rows = sorted([r for r in space.outbox.values() if r.due <= until], key=_KEY)
-            snapshot = space.snapshot = (until, rows)
-        rows = snapshot[1]
-        i = 0 if after is None else bisect.bisect_right(rows, after, key=_KEY)
+            i = 0 if after is None else bisect.bisect_right(rows, after, key=_KEY)
         out: list[Envelope] = []
         live = space.outbox
         while i < len(rows) and len(out) < limit:
@@ -264,8 +270,9 @@ class Memory(Backend):
             if live.get(row.id) is row:  # skip rows applied or replaced since the scan began
                 out.append(row)
             i += 1
-        if i >= len(rows):
-            space.snapshot = None
+        space.snapshot = (
+            None if i >= len(rows) else (until, rows, _KEY(out[-1]) if out else after, i)
+        )
         return out
 
     async def exists(self, ids: Sequence[EnvelopeId]) -> list[bool]:

@@ -282,6 +282,21 @@ async def _case_outbox_due_paging(make_backend: BackendFactory, reopen: Reopen |
         _expect_equal(rest, [row for row in _ORDERED[4:] if row not in gone], "the next page")
 
 
+@_case
+async def _case_outbox_due_new_scan(make_backend: BackendFactory, reopen: Reopen | None) -> None:
+    """A page whose ``after`` is not the key of the last row of the page before is a new scan:
+    it sees every row committed before it (an old scan's snapshot may serve only its next page)."""
+    async with _opened(_new(make_backend)) as backend:
+        await _send_all(backend, _ORDERED)
+        first = await _due(backend, _INF, limit=4)
+        _expect_equal(first, _ORDERED[:4], "the first page of 4")
+        late = [_env("late", 1, due=1.25), _env("bz", 1, 0)]  # new senders, between old rows
+        await _send_all(backend, late)
+        got = await _due(backend, _INF, after=first[0].key())
+        expected = sorted([*_ORDERED[1:], *late], key=Envelope.key)
+        _expect_equal(got, expected, "due(after= the first row) once two more rows committed")
+
+
 # ---------------------------------------------------------------------------------------------
 # Consumes.
 
