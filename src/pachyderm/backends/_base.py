@@ -216,8 +216,8 @@ class Backend(abc.ABC):
     #: raised (it keeps the object, or a thread still works on it). When ``False``, the world
     #: gives the ``Write`` objects of a commit that returned to later writes, of the same entity
     #: or (once it was passivated) of another, with every field set again: one object less for
-    #: the garbage collector per activation. ``True``, the safe
-    #: default for a backend of one's own, makes a new ``Write`` every time.
+    #: the garbage collector per activation. ``True``, the safe default for a backend of one's
+    #: own, makes a new ``Write`` every time.
     keeps_writes: ClassVar[bool] = True
 
     @abc.abstractmethod
