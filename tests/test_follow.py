@@ -240,3 +240,17 @@ async def test_a_spare_write_holds_none_of_its_passivated_state() -> None:
         assert write.outbox is None
         assert write.fence is None
         assert await w.activate((Log, "a"), "y") == ["x" * 100_000, "y"]
+
+
+async def test_spare_writes_are_bounded() -> None:
+    """Passivating many residents at once keeps at most `SPARE_WRITES` of their writes."""
+    from pachyderm._passivation import SPARE_WRITES
+
+    n = SPARE_WRITES + 200
+    async with pachyderm.World(backends.Memory(), entities=[Counter], idle_after=0.05) as w:
+        await asyncio.gather(*(w.activate((Counter, str(i)), 1) for i in range(n)))
+        async with asyncio.timeout(10):
+            while w.statistics()["resident"]:  # the idle sweep passivates them all at once
+                await asyncio.sleep(0.01)
+        assert w._engine.stats["passivated"] == n
+        assert len(w._engine.spare_writes) == SPARE_WRITES

@@ -424,8 +424,7 @@ class Dispatcher:
             held = self.held.get(ref)
             if held is not None:
                 if len(held) >= self._cap:
-                    self.spilled.add(ref)
-                    self._missed.add(ref)
+                    self._spill(ref)
                     return False
                 held.append(envelope)
                 return True
@@ -477,10 +476,14 @@ class Dispatcher:
         if held is None:
             self.held[ref] = deque((envelope,))
         elif ref in self.spilled or len(held) >= self._cap:
-            self.spilled.add(ref)  # the rest stays in storage: a refill reads it, in order
-            self._missed.add(ref)
+            self._spill(ref)
         else:
             held.append(envelope)
+
+    def _spill(self, ref: tuple[str, str]) -> None:
+        """``ref``'s held queue is full: its further messages stay in storage, for a refill."""
+        self.spilled.add(ref)
+        self._missed.add(ref)  # a message of it was left there: it is refilled again
 
     def flush(self, resident: Resident) -> None:
         """The receiver made room: move held messages into its mailbox, in order."""
