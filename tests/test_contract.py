@@ -29,8 +29,9 @@ class SQLiteFiles:
     Mutable state: ``count`` and ``paths``, changed only by ``new`` and ``reopen``.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, writer: str = "process") -> None:
         self.folder = folder
+        self.writer = writer
         self.count = 0
         self.paths: dict[Backend, Path] = {}
 
@@ -42,7 +43,7 @@ class SQLiteFiles:
         return self._on(self.paths[closed])
 
     def _on(self, path: Path) -> Backend:
-        backend = SQLite(str(path))
+        backend = SQLite(str(path), writer=self.writer)
         self.paths[backend] = path
         return backend
 
@@ -73,6 +74,11 @@ async def test_memory(case: BackendCase) -> None:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 async def test_sqlite(case: BackendCase, tmp_path: Path) -> None:
     await _run(case, SQLiteFiles(tmp_path))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+async def test_sqlite_with_its_writer_in_a_thread(case: BackendCase, tmp_path: Path) -> None:
+    await _run(case, SQLiteFiles(tmp_path, writer="thread"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -604,6 +604,8 @@ async def test_a_file_that_is_not_a_database_is_unavailable(tmp_path: Path) -> N
         {"busy_timeout": True},
         {"max_pages": 0},
         {"max_pages": 1.5},
+        {"writer": "fork"},
+        {"writer": None},
     ],
 )
 def test_bad_options_are_refused_at_construction(db: Path, kwargs: dict[str, object]) -> None:

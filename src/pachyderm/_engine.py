@@ -221,7 +221,7 @@ class Engine:
         """
         assert self.loop is not None
         ready = self.ready
-        max_batch = self.options.max_batch
+        max_batch = self.options.max_batch or self.backend.max_batch
         budget = self._turn_budget
         run_batch = self._run_batch
         new_write = Write.__new__

@@ -30,7 +30,8 @@ class WorldOptions:
         receipt_ttl: seconds an idempotency key is remembered after its commit.
         turn_budget: messages one entity may run before others get their turn (fairness).
         max_batch: the most entities the runner takes in one turn, so the most entity writes
-            sent to the backend in one commit.
+            sent to the backend in one commit (``None``: the backend's ``max_batch``, 500 for
+            ``SQLite`` and 1000 for the others).
         max_effects: the most effects (sends, timers, cancels) one activation may return
             (``TooManyEffects`` beyond).
         max_message_bytes: the largest encoded message a send or a timer may carry
@@ -53,7 +54,7 @@ class WorldOptions:
     follower_buffer: int = 64
     receipt_ttl: float = 24 * 3600.0
     turn_budget: int = 128
-    max_batch: int = 1000
+    max_batch: int | None = None
     max_effects: int = 100
     max_message_bytes: int = 256 * 1024
     timer_horizon: float = 60.0
@@ -63,12 +64,12 @@ class WorldOptions:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            optional = f.name in ("activation_timeout", "call_timeout")
+            optional = f.name in ("activation_timeout", "call_timeout", "max_batch")
             if value is None and optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidOptions(f"{f.name} must be a number; got {value!r}")
-            if f.type in ("int",) and not isinstance(value, int):
+            if f.type in ("int", "int | None") and not isinstance(value, int):
                 raise InvalidOptions(f"{f.name} must be an int; got {value!r}")
             if not math.isfinite(value) or value <= 0:
                 raise InvalidOptions(f"{f.name} must be finite and > 0; got {value!r}")

@@ -219,6 +219,11 @@ class Backend(abc.ABC):
     #: the garbage collector per activation. ``True``, the safe default for a backend of one's
     #: own, makes a new ``Write`` every time.
     keeps_writes: ClassVar[bool] = True
+    #: The world's ``max_batch`` when its options leave it unset: the most entity writes one
+    #: ``commit`` call gets. Smaller turns cost the event loop a little more per activation; a
+    #: backend that commits off the event loop's core (SQLite's writer process) prefers them, so
+    #: that the callers of one commit run their next activations while the next one is written.
+    max_batch: ClassVar[int] = 1000
 
     @abc.abstractmethod
     async def open(self, world: str) -> None:

@@ -7,9 +7,11 @@ threads run; ``_sqlite_writer``: group commit; ``_sqlite_reader``: reads):
 - **One file per process.** ``open`` takes an exclusive ``flock`` on a sidecar file
   ``<path>.lock`` (holding the owner's pid). A second process, or a second open of the same file in
   this process, gets ``StorageLocked`` at once.
-- **One writer thread, group commit.** ``commit`` queues its writes and waits (the calls of one
-  event loop iteration are handed over together, at the next iteration). The writer thread owns
-  the only write connection: it takes *every* queued request at once and applies them all in one
+- **One writer, group commit.** ``commit`` queues its writes and waits (the calls of one
+  event loop iteration are handed over together, at the next iteration). The writer owns the
+  only write connection, in a child process of its own (``_sqlite_process``; or, with
+  ``writer="thread"``, in a thread of this one): it takes the queued requests (at most
+  ``GROUP_WRITES`` writes, or one larger request, at a time) and applies them all in one
   transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), in call order, as if one after the other. Each
   caller is answered only after ``COMMIT`` returned. A write is applied only if the stored
   version is still its ``expected``: an ``UPDATE ... WHERE version = ?`` (or an insert for
@@ -85,6 +87,7 @@ from ._sqlite_jobs import (
     STOP,
     Channel,
 )
+from ._sqlite_process import ProcessWriter
 from ._sqlite_reader import Reader
 from ._sqlite_schema import SYNCHRONOUS, Database, FileLock
 from ._sqlite_writer import Stats, Writer
@@ -111,6 +114,9 @@ class SQLite(Backend):
       transaction.
     - ``busy_timeout``: seconds to wait for a lock held by another connection (for example a
       foreign ``sqlite3`` shell reading the file) before giving up with ``Unavailable``.
+    - ``writer``: ``"process"`` (default): the writer runs in a child process, so that its
+      transactions overlap the event loop's work (see ``_sqlite_process``); ``"thread"``: in a
+      thread of this process (where a process cannot be started, as in an embedded interpreter).
     - ``max_pages``: caps the database at that many pages (``PRAGMA max_page_count``; pages are
       4 KiB by default): a commit that would grow it further fails with ``Unavailable`` ("database
       or disk is full") and changes nothing. ``None`` (default): no cap. Meant for tests of a full
@@ -127,6 +133,7 @@ class SQLite(Backend):
     scope: ClassVar[str] = "one machine"
     durable: ClassVar[bool] = True
     keeps_writes: ClassVar[bool] = False  # the writer is done with a request before its answer
+    max_batch: ClassVar[int] = 500  # so that two groups of callers take turns with the writer
 
     def __init__(
         self,
@@ -135,6 +142,7 @@ class SQLite(Backend):
         synchronous: str = "FULL",
         busy_timeout: float = 5.0,
         max_pages: int | None = None,
+        writer: str = "process",
         _on_connect: Callable[[sqlite3.Connection], object] | None = None,
     ) -> None:
         try:
@@ -163,6 +171,10 @@ class SQLite(Backend):
         ):
             raise InvalidOptions(f"max_pages is None or an int >= 1; got {max_pages!r}")
         self._max_pages = max_pages
+        if writer not in ("process", "thread"):
+            raise InvalidOptions(f"writer is 'process' or 'thread'; got {writer!r}")
+        # A connection hook (tests) needs the writer's connection in this process.
+        self._writer = "thread" if _on_connect is not None else writer
         self._on_connect = _on_connect
         self._stats = Stats()
         self._session: _Session | None = None
@@ -199,7 +211,7 @@ class SQLite(Backend):
             on_connect=self._on_connect,
         )
         loop = asyncio.get_running_loop()
-        session = _Session(db, self._stats, loop)
+        session = _Session(db, self._stats, loop, self._writer)
         await session.start(loop)
         self._session = session
         self._finalizer = weakref.finalize(self, session.abandon)
@@ -374,11 +386,14 @@ class _Session:
     collected (its finalizer stops the threads).
     """
 
-    def __init__(self, db: Database, stats: Stats, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, db: Database, stats: Stats, loop: asyncio.AbstractEventLoop, writer: str
+    ) -> None:
         self.lock = FileLock(db.path)
         self.writes = Channel(loop)
         self.reads = Channel(loop)
-        self.writer = Writer(db, self.writes, self.lock, stats)
+        kind = ProcessWriter if writer == "process" else Writer
+        self.writer: Writer | ProcessWriter = kind(db, self.writes, self.lock, stats)
         self.reader = Reader(db, self.reads)
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -1,0 +1,152 @@
+"""The SQLite writer in a child process: where it runs, its reuse, its death, the world's turns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+import pachyderm
+from pachyderm import Indeterminate, Unavailable
+from pachyderm.backends import Memory, SQLite, Stored, Write
+from pachyderm.backends._sqlite_process import IDLE_CHILDREN, ProcessWriter
+
+
+def w(key: str, expected: int, version: int) -> Write:
+    return Write("T", key, expected, version, 1, b"s")
+
+
+def writer_of(backend: SQLite) -> ProcessWriter:
+    session = backend._session
+    assert session is not None
+    writer = session.writer
+    assert isinstance(writer, ProcessWriter)
+    return writer
+
+
+def pid_of(backend: SQLite) -> int:
+    child = writer_of(backend).child
+    assert child is not None
+    return child.proc.pid
+
+
+async def test_the_writer_runs_in_another_process_kept_for_the_next_open(tmp_path: Path) -> None:
+    first = SQLite(tmp_path / "a.db")
+    await first.open("default")
+    try:
+        assert await first.commit([w("a", 0, 1)]) == [True]
+        pid = pid_of(first)
+        assert pid != os.getpid()
+        assert first.statistics()["transactions"] == 1  # counted by the child, told the parent
+    finally:
+        await first.aclose()
+    # The idle child serves the next open, of another file.
+    second = SQLite(tmp_path / "b.db")
+    await second.open("default")
+    try:
+        assert pid_of(second) == pid
+        assert await second.load_many([("T", "a")]) == [None]
+        assert await second.commit([w("b", 0, 1)]) == [True]
+    finally:
+        await second.aclose()
+    # Several opens at once: each its own child; at most IDLE_CHILDREN stay.
+    many = [SQLite(tmp_path / f"m{i}.db") for i in range(IDLE_CHILDREN + 2)]
+    for b in many:
+        await b.open("default")
+    pids = {pid_of(b) for b in many}
+    assert len(pids) == len(many)
+    for b in many:
+        await b.aclose()
+    alive = 0
+    for p in pids:
+        try:
+            os.kill(p, 0)
+            alive += 1
+        except ProcessLookupError:
+            pass
+    assert alive <= IDLE_CHILDREN
+    third = SQLite(tmp_path / "a.db")
+    await third.open("default")
+    try:
+        assert await third.load_many([("T", "a")]) == [Stored(1, 1, b"s")]
+    finally:
+        await third.aclose()
+
+
+async def test_a_writer_process_that_dies_fails_what_it_did_not_answer(tmp_path: Path) -> None:
+    backend = SQLite(tmp_path / "w.db")
+    await backend.open("default")
+    try:
+        assert await backend.commit([w("a", 0, 1)]) == [True]
+        os.kill(pid_of(backend), signal.SIGKILL)
+        child = writer_of(backend).child
+        assert child is not None
+        await asyncio.to_thread(child.proc.wait)
+        # Sent to the dead child: not committed (the pipe was closed) or unknown (it was not).
+        with pytest.raises((Indeterminate, Unavailable), match="writer process died"):
+            await backend.commit([w("a", 1, 2)])
+        assert await backend.load_many([("T", "a")]) == [Stored(1, 1, b"s")]  # nothing written
+        # The next group gets a new child.
+        assert await backend.commit([w("a", 1, 2)]) == [True]
+        assert pid_of(backend) != child.proc.pid
+        assert await backend.load_many([("T", "a")]) == [Stored(2, 1, b"s")]
+    finally:
+        await backend.aclose()
+
+
+async def test_a_file_the_child_refuses_is_unavailable_and_the_child_serves_on(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(Unavailable):
+        await SQLite(bad).open("default")
+    good = SQLite(tmp_path / "good.db")
+    await good.open("default")
+    try:
+        assert await good.commit([w("a", 0, 1)]) == [True]
+    finally:
+        await good.aclose()
+
+
+class Counter(pachyderm.Entity):
+    name = "Counter"
+
+    def init(self) -> int:
+        return 0
+
+    def activate(self, message: Any, state: int) -> int:
+        return state + 1
+
+
+class Recording(Memory):
+    """A memory backend that prefers turns of 3 entities, and records each commit's size."""
+
+    max_batch: ClassVar[int] = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def commit(self, writes: Sequence[Write]) -> list[bool]:
+        self.sizes.append(len(writes))
+        return await super().commit(writes)
+
+
+@pytest.mark.parametrize(("option", "largest"), [(None, 3), (5, 5)])
+async def test_a_world_takes_the_backends_turn_size_unless_its_options_say(
+    option: int | None, largest: int
+) -> None:
+    backend = Recording()
+    options = {} if option is None else {"max_batch": option}
+    async with pachyderm.World(backend, entities=[Counter], **options) as world:
+        await asyncio.gather(*[world.activate((Counter, f"k{i}"), "x") for i in range(20)])
+    assert max(backend.sizes) == largest
+    assert sum(backend.sizes) == 20
+    assert SQLite.max_batch == 500
+    assert Memory.max_batch == 1000
