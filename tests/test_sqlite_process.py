@@ -14,19 +14,19 @@ import pytest
 import pachyderm
 from pachyderm import Indeterminate, Unavailable
 from pachyderm.backends import Memory, SQLite, Stored, Write
-from pachyderm.backends._sqlite_process import IDLE_CHILDREN, ProcessWriter
+from pachyderm.backends._sqlite_process import IDLE_CHILDREN, Link
 
 
 def w(key: str, expected: int, version: int) -> Write:
     return Write("T", key, expected, version, 1, b"s")
 
 
-def writer_of(backend: SQLite) -> ProcessWriter:
+def writer_of(backend: SQLite) -> Link:
     session = backend._session
     assert session is not None
-    writer = session.writer
-    assert isinstance(writer, ProcessWriter)
-    return writer
+    link = session.link
+    assert isinstance(link, Link)
+    return link
 
 
 def pid_of(backend: SQLite) -> int:
@@ -83,18 +83,26 @@ async def test_a_writer_process_that_dies_fails_what_it_did_not_answer(tmp_path:
     await backend.open("default")
     try:
         assert await backend.commit([w("a", 0, 1)]) == [True]
-        os.kill(pid_of(backend), signal.SIGKILL)
-        child = writer_of(backend).child
-        assert child is not None
-        await asyncio.to_thread(child.proc.wait)
-        # Sent to the dead child: not committed (the pipe was closed) or unknown (it was not).
-        with pytest.raises((Indeterminate, Unavailable), match="writer process died"):
-            await backend.commit([w("a", 1, 2)])
-        assert await backend.load_many([("T", "a")]) == [Stored(1, 1, b"s")]  # nothing written
-        # The next group gets a new child.
+        # Dies while idle: the next group gets a new child, and loses nothing.
+        first = pid_of(backend)
+        os.kill(first, signal.SIGKILL)
+        await asyncio.sleep(0.05)
         assert await backend.commit([w("a", 1, 2)]) == [True]
-        assert pid_of(backend) != child.proc.pid
+        second = pid_of(backend)
+        assert second != first
+        # Dies with a group in it (stopped, then killed): that group's outcome is unknown.
+        os.kill(second, signal.SIGSTOP)
+        pending = asyncio.ensure_future(backend.commit([w("a", 2, 3)]))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        os.kill(second, signal.SIGKILL)
+        with pytest.raises(Indeterminate, match="writer process died during a commit"):
+            await pending
+        # It never ran: the next child finds version 2, and commits on it.
         assert await backend.load_many([("T", "a")]) == [Stored(2, 1, b"s")]
+        assert await backend.commit([w("a", 2, 3)]) == [True]
+        assert pid_of(backend) not in (first, second)
+        assert backend.statistics()["transactions"] == 3
     finally:
         await backend.aclose()
 

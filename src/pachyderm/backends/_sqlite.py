@@ -87,7 +87,7 @@ from ._sqlite_jobs import (
     STOP,
     Channel,
 )
-from ._sqlite_process import ProcessWriter
+from ._sqlite_process import Link
 from ._sqlite_reader import Reader
 from ._sqlite_schema import SYNCHRONOUS, Database, FileLock
 from ._sqlite_writer import Stats, Writer
@@ -343,7 +343,7 @@ class SQLite(Backend):
         session = self._session
         if session is None:
             return {"messages": 0, "timers": 0, "dead": 0}
-        return dict(session.writer.counts)
+        return dict(session.counts)
 
     async def prune_receipts(self, before: float) -> int:
         """Delete the world's receipts whose ``at`` is before ``before`` (on the writer thread)."""
@@ -380,54 +380,85 @@ class SQLite(Backend):
 
 
 class _Session:
-    """One open file: the lock and the two threads with their channels.
+    """One open file: the lock, the writer (a process, or a thread) and the reader thread.
 
     Refers to neither the ``SQLite`` object nor its ``World``, so that a forgotten backend can be
-    collected (its finalizer stops the threads).
+    collected (its finalizer stops the threads and the writer process).
     """
 
     def __init__(
         self, db: Database, stats: Stats, loop: asyncio.AbstractEventLoop, writer: str
     ) -> None:
         self.lock = FileLock(db.path)
-        self.writes = Channel(loop)
         self.reads = Channel(loop)
-        kind = ProcessWriter if writer == "process" else Writer
-        self.writer: Writer | ProcessWriter = kind(db, self.writes, self.lock, stats)
         self.reader = Reader(db, self.reads)
+        self.link: Link | None = None
+        self.thread: Writer | None = None
+        self.writes: Link | Channel
+        if writer == "process":
+            self.link = self.writes = Link(db, stats, loop)
+        else:
+            self.writes = channel = Channel(loop)
+            self.thread = Writer(db, channel, self.lock, stats)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """The world's outbox rows by kind, as the writer keeps them."""
+        writer = self.link if self.link is not None else self.thread
+        assert writer is not None
+        return writer.counts
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Lock the file, then start the writer (which makes the tables), then the reader."""
         self.lock.acquire()  # raises StorageLocked / Unavailable; nothing started yet
+        if self.link is not None:
+            try:
+                await self.link.start()
+            except BaseException:
+                self.lock.release()
+                raise
+        else:
+            assert self.thread is not None
+            try:
+                ready = self.thread.start(loop)
+            except BaseException:
+                self.lock.release()
+                raise
+            # From here the writer thread owns the lock: it releases it when it stops.
         try:
-            ready = self.writer.start(loop)
-        except BaseException:
-            self.lock.release()
-            raise
-        # From here the writer thread owns the lock: it releases it when it stops.
-        try:
-            await ready
+            if self.thread is not None:
+                await ready
             await self.reader.start(loop)
         except BaseException:
             self.abandon()
             raise
 
     async def stop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Stop both threads once they have run every job queued before this call."""
+        """Stop the reader, then the writer, once they have run every job queued before."""
         # The reader first, so that the writer's connection is the last one and checkpoints.
         try:
-            for worker in (self.reader, self.writer):
+            workers: list[Reader | Writer] = [self.reader]
+            if self.thread is not None:
+                workers.append(self.thread)
+            for worker in workers:
                 if worker.thread is None:
                     continue
                 done: asyncio.Future[Any] = loop.create_future()
                 worker.channel.put_now((STOP, None, done, loop))
                 await asyncio.shield(done)
                 worker.thread.join()  # it has answered: it is returning
-        except BaseException:  # cancelled: still stop both threads, without waiting
+            if self.link is not None:
+                await self.link.stop()
+                self.lock.release()
+        except BaseException:  # cancelled: still stop both, without waiting
             self.abandon()
             raise
 
     def abandon(self) -> None:
-        """Stop both threads without waiting (a failed open, or a backend never closed)."""
+        """Stop the reader and the writer without waiting (a failed open, a lost backend)."""
         self.reads.queue.put([ABANDON])
-        self.writes.queue.put([ABANDON])
+        if self.link is not None:
+            self.link.abandon()
+            self.lock.release()
+        elif isinstance(self.writes, Channel):
+            self.writes.queue.put([ABANDON])

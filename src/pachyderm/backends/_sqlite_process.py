@@ -37,14 +37,16 @@ Cancellation: as with the writer thread, a write handed to the child is not with
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import collections
+import contextlib
 import os
 import signal
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Final, cast
 
@@ -53,14 +55,16 @@ import msgspec
 from .. import _errors
 from .._errors import Indeterminate, InvalidKey, PachydermError, TooLarge, Unavailable
 from ._base import Write
-from ._sqlite_jobs import COMMIT, Channel, Job, Loop, Outcome, Worker, answer, deliver_all
+from ._sqlite_jobs import COMMIT, Channel, Job, Loop, Outcome, answer
 from ._sqlite_schema import Database, FileLock
 from ._sqlite_writer import Stats, Writer
 
-__all__ = ["GROUP_WRITES", "IDLE_CHILDREN", "ProcessWriter"]
+__all__ = ["GROUP_WRITES", "IDLE_CHILDREN", "Link", "start_child"]
 
 #: The most writes in one group (one transaction in the child), unless one request has more.
 GROUP_WRITES: Final = 512
+#: The most groups in the child at once: one committing, the next one waiting to be read.
+IN_FLIGHT: Final = 2
 #: The most idle children this process keeps for its next opens.
 IDLE_CHILDREN: Final = 2
 #: The frame that detaches a child from its file (MessagePack ``nil``).
@@ -143,7 +147,6 @@ class _Child:
         self.to_child = self.stdin.fileno()
         self.from_child = self.stdout.fileno()
         self.dead = False
-        self.received = False
 
     @classmethod
     def take(cls, path: str) -> _Child:
@@ -169,17 +172,12 @@ class _Child:
         return cls(proc)
 
     def exchange(self, payload: bytes) -> Any:
-        """Send a frame and return the child's answer, decoded; None if it died (``dead``).
-
-        ``received`` says whether the child may have read the frame before it died.
-        """
-        self.received = False
+        """Send a frame and wait for the child's answer, decoded; None if it died (``dead``)."""
         try:
             _send(self.to_child, payload)
         except OSError:
             self.dead = True
             return None
-        self.received = True
         frame = _receive(self.from_child)
         if frame is None:
             self.dead = True
@@ -225,97 +223,252 @@ def _end_idle() -> None:
         child.end()
 
 
-class ProcessWriter(Worker):
-    """The writer thread's stand-in: hands the jobs to the writer process, and its answers back.
+def start_child(db: Database) -> tuple[_Child, dict[str, int]]:
+    """Take a child, hand it the file's settings, wait until it is ready (blocking).
 
-    It is its own connection for ``Worker`` (``close`` detaches the child). A child that died is
-    replaced by a new one for the next group.
+    Return it with the world's outbox counts. A reused child that died since gives way to a new
+    one (once). Raises ``Unavailable`` (or the error the child met opening the file).
+    """
+    settings = _ENCODE.encode(
+        [db.path, db.world, db.synchronous_sql, db.busy_timeout, db.max_pages]
+    )
+    for _ in range(2):
+        child = _Child.take(db.path)
+        ready = child.exchange(settings)
+        if not child.dead:
+            break
+        child.end()
+    if child.dead:
+        raise Unavailable(
+            f"the SQLite writer process exited as it started ({db.path}, exit code "
+            f"{child.proc.returncode}; its standard error says why)"
+        )
+    if ready[0] is not None:  # the file is refused; the child waits for another
+        child.keep()
+        raise _error_of(ready[0])
+    return child, ready[1]
 
-    Mutable state: ``child`` (this thread only, once started), ``counts`` (replaced, never
-    changed in place, before the callers of a group are answered; read by the event loop), the
-    shared ``stats`` (this thread only).
+
+class Link:
+    """The event loop's side of the writer process: group commit over two pipes.
+
+    Driven by the event loop that opened the backend (no thread, so nothing here waits for the
+    GIL): ``request`` collects the jobs of one loop iteration and queues them at the next; one
+    group at a time is in the child; its answer (read when the pipe is readable) answers the
+    group's callers and sends the next group. Jobs from other event loops come through
+    ``call_soon_threadsafe`` and are answered on their own loops.
+
+    Mutable state, on the owner loop only: ``collected``, ``queue``, ``sent`` (the group in the
+    child), ``out`` (what is left to write of its frame), ``inbox`` (what was read of the next
+    answer), ``child`` (None while none serves), ``starting`` (a new child is on its way),
+    ``counts`` (replaced, never changed in place, before a group's callers are answered),
+    ``closed``, ``waiters`` (``stop`` waiting for the queue to drain) and the shared ``stats``.
     """
 
-    role = "pachyderm-sqlite-writer"
-
-    def __init__(self, db: Database, channel: Channel, lock: FileLock, stats: Stats) -> None:
-        super().__init__(db.path, channel)
+    def __init__(self, db: Database, stats: Stats, loop: Loop) -> None:
         self.db = db
-        self.lock = lock
+        self.path = db.path
         self.stats = stats
+        self.loop = loop
         self.counts: dict[str, int] = {"messages": 0, "timers": 0, "dead": 0}
         self.child: _Child | None = None
+        self.collected: list[Job] = []
+        self.queue: collections.deque[Job] = collections.deque()
+        self.sent: collections.deque[list[Job]] = collections.deque()
+        self.out = b""
+        self.inbox = bytearray()
+        self.starting = False
+        self.closed = False
+        self.waiters: list[asyncio.Future[None]] = []
 
-    def connect(self) -> Any:
-        self.child = self.start_child()
-        return self
+    # -- start and stop (on the owner loop, but ``abandon``) --------------------------------
 
-    def close(self) -> None:
-        """Detach the child from the file (it closes its connection); keep it idle or end it."""
+    async def start(self) -> None:
+        """Start (or take) the child and attach its pipes to the loop."""
+        child, counts = await asyncio.to_thread(start_child, self.db)
+        self.attach(child, counts)
+
+    def attach(self, child: _Child, counts: dict[str, int]) -> None:
+        self.child = child
+        self.counts = counts
+        os.set_blocking(child.to_child, False)
+        self.loop.add_reader(child.from_child, self.readable)
+
+    def detach(self) -> _Child | None:
+        """Take the child off the loop (its pipes blocking again, for ``_Child.close``)."""
         child, self.child = self.child, None
         if child is not None:
-            child.close()
-
-    def release(self) -> None:
-        self.lock.release()  # the child has closed its connection (``close``)
-
-    def start_child(self) -> _Child:
-        """Take a child, hand it the file's settings, and wait until it is ready.
-
-        A reused child that died since gives way to a new one (once). Raises ``Unavailable``
-        (or the error the child met opening the file).
-        """
-        db = self.db
-        settings = _ENCODE.encode(
-            [db.path, db.world, db.synchronous_sql, db.busy_timeout, db.max_pages]
-        )
-        for _ in range(2):
-            child = _Child.take(db.path)
-            ready = child.exchange(settings)
-            if not child.dead:
-                break
-            child.end()
-        if child.dead:
-            raise Unavailable(
-                f"the SQLite writer process exited as it started ({db.path}, exit code "
-                f"{child.proc.returncode}; its standard error says why)"
-            )
-        if ready[0] is not None:  # the file is refused; the child waits for another
-            child.keep()
-            raise _error_of(ready[0])
-        self.counts = ready[1]
+            self.loop.remove_reader(child.from_child)
+            self.loop.remove_writer(child.to_child)
+            if not child.stdin.closed:
+                os.set_blocking(child.to_child, True)
+        self.out = b""
+        self.inbox.clear()
         return child
 
-    def run(self, conn: Any, jobs: list[Job]) -> None:
-        for group in _groups(jobs):
-            self.send(group)
+    async def stop(self) -> None:
+        """Run every job queued so far, then detach the child (it closes its connection).
 
-    def send(self, group: list[Job]) -> None:
-        """Run one group in the child and answer its callers (each once)."""
-        payload, sent = _encode(group)
-        if len(sent) < len(group):
-            kept = {id(job) for job in sent}
-            for job in group:
-                if id(job) not in kept:  # refused by the encoder: a bad value of that request
-                    answer(job, None, _encode_error(job)[1])
-            if not sent:
-                return
+        Jobs that come after get ``Unavailable``. Cancelled while waiting: the child is ended
+        without waiting, as by ``abandon``.
+        """
+        self.flush()
+        self.closed = True
+        try:
+            while self.busy():
+                waiter: asyncio.Future[None] = self.loop.create_future()
+                self.waiters.append(waiter)
+                await waiter
+        except BaseException:
+            self.abandon()
+            raise
+        child = self.detach()
+        if child is not None:
+            await asyncio.to_thread(child.close)
+
+    def busy(self) -> bool:
+        return bool(self.queue or self.sent or self.starting)
+
+    def abandon(self) -> None:
+        """End the child without waiting (a failed open, a cancelled stop, a backend lost).
+
+        May run outside the loop (a finalizer): it only closes the child's input, so that the
+        child finishes what it is doing and exits; the loop, if it still runs, sees the end.
+        """
+        self.closed = True
         child = self.child
-        if child is None or child.dead:  # the last one died: a new one for what comes next
-            self.child = None
-            if child is not None:
-                child.end()
+        if child is not None and not child.stdin.closed:
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def request(self, kind: int, arg: object, *, now: bool = False) -> asyncio.Future[Any]:
+        """On any running loop: queue a job (at once if ``now``) and return its future."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        job: Job = (kind, arg, future, loop)
+        if loop is self.loop:
+            self.submit(job, now)
+        else:
             try:
-                child = self.child = self.start_child()
-            except (PachydermError, OSError) as e:
-                for job in sent:
-                    answer(job, None, Unavailable(f"the SQLite writer process died: {e}"))
-                return
-        reply = child.exchange(payload)
-        if child.dead:
-            for job in sent:
-                answer(job, None, self.lost(job, child))
+                self.loop.call_soon_threadsafe(self.submit, job, now)
+            except RuntimeError:  # the owner loop is closed
+                future.set_exception(Unavailable(f"the SQLite backend is closed ({self.path})"))
+        return future
+
+    def submit(self, job: Job, now: bool) -> None:
+        if self.closed:
+            answer(job, None, Unavailable(f"the SQLite backend is closed ({self.path})"))
             return
+        if now:
+            self.flush()
+            self.queue.append(job)
+            self.pump()
+            return
+        if not self.collected:
+            self.loop.call_soon(self.flush)
+        self.collected.append(job)
+
+    def flush(self) -> None:
+        if self.collected:
+            self.queue.extend(self.collected)
+            self.collected = []
+            self.pump()
+
+    def pending(self) -> int:
+        return len(self.collected) + len(self.queue) + sum(map(len, self.sent))
+
+    # -- the pipes ----------------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Send the next groups, up to ``IN_FLIGHT`` in the child (start one if none serves).
+
+        A new frame waits until the last one is written whole.
+        """
+        sent = self.sent
+        while len(sent) < IN_FLIGHT and self.queue and not self.starting and not self.out:
+            child = self.child
+            if child is None or child.dead:
+                self.restart()
+                return
+            group = self.take()
+            payload, jobs = _encode(group)
+            if len(jobs) < len(group):
+                kept = {id(job) for job in jobs}
+                for job in group:
+                    if id(job) not in kept:  # refused by the encoder: a bad value of its own
+                        answer(job, None, _encode_error(job)[1])
+                if not jobs:
+                    continue
+            sent.append(jobs)
+            self.write(child, _HEADER.pack(len(payload)) + payload)
+        if self.waiters and not self.busy():
+            for waiter in self.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self.waiters = []
+
+    def take(self) -> list[Job]:
+        """The next group: a prune alone, or commits of ``GROUP_WRITES`` writes at most (or one)."""
+        queue = self.queue
+        first = queue.popleft()
+        group = [first]
+        if first[0] != COMMIT:
+            return group
+        size = len(first[1])
+        while queue and queue[0][0] == COMMIT and size + len(queue[0][1]) <= GROUP_WRITES:
+            job = queue.popleft()
+            group.append(job)
+            size += len(job[1])
+        return group
+
+    def write(self, child: _Child, data: bytes) -> None:
+        try:
+            written = os.write(child.to_child, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the child is gone
+            self.out = data
+            self.died(child)
+            return
+        self.out = data[written:]
+        if self.out:
+            self.loop.add_writer(child.to_child, self.writable, child)
+        else:
+            self.loop.remove_writer(child.to_child)
+
+    def writable(self, child: _Child) -> None:
+        if child is self.child and self.out:
+            self.write(child, self.out)
+            if not self.out:
+                self.pump()
+
+    def readable(self) -> None:
+        child = self.child
+        if child is None:
+            return
+        try:
+            chunk = os.read(child.from_child, 1 << 20)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.died(child)
+            return
+        inbox = self.inbox
+        inbox += chunk
+        while len(inbox) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(inbox)
+            if len(inbox) < _HEADER.size + size:
+                break
+            frame = bytes(inbox[_HEADER.size : _HEADER.size + size])
+            del inbox[: _HEADER.size + size]
+            self.answered(msgspec.msgpack.decode(frame))
+        self.pump()
+
+    def answered(self, reply: Any) -> None:
+        """The child answered the group in it: count, and answer its callers."""
+        sent = self.sent.popleft()
         outcomes, counts, stats = reply
         s = self.stats
         for name, value in zip(_STATS, stats, strict=True):
@@ -324,41 +477,62 @@ class ProcessWriter(Worker):
             else:
                 setattr(s, name, getattr(s, name) + value)
         self.counts = counts
-        answers: list[tuple[Loop, Outcome]] = []
         for index, result, error_body in outcomes:
             job = sent[index]
-            failure = None if error_body is None else _error_of(error_body)
-            answers.append((job[3], (job[2], result, failure)))
-        deliver_all(answers)
+            answer(job, result, None if error_body is None else _error_of(error_body))
 
-    def lost(self, job: Job, child: _Child) -> BaseException:
-        """The error of a job whose child died before it answered."""
-        if job[0] == COMMIT and child.received:
-            return Indeterminate(
-                f"the SQLite writer process died during a commit ({self.path}): "
-                "the outcome is unknown"
-            )
-        return Unavailable(f"the SQLite writer process died, nothing was written ({self.path})")
+    def died(self, child: _Child) -> None:
+        """The child is gone: fail the group in it; the next group gets a new child."""
+        child.dead = True
+        torn = bool(self.out)  # the last frame was not written whole: the child never ran it
+        self.detach()
+        groups = list(self.sent)
+        self.sent.clear()
+        for i, group in enumerate(groups):
+            whole = not (torn and i == len(groups) - 1)
+            for job in group:
+                answer(job, None, _lost(job, whole, self.path))
+        with contextlib.suppress(OSError):
+            child.stdin.close()
+        self.loop.run_in_executor(None, child.end)  # reap it without blocking the loop
+        self.pump()
+
+    def restart(self) -> None:
+        """Start a new child for the queued jobs (in a thread); fail them if none can start."""
+        self.starting = True
+        task = self.loop.create_task(self.restarted())
+        _restarts.add(task)
+        task.add_done_callback(_restarts.discard)
+
+    async def restarted(self) -> None:
+        try:
+            child, counts = await asyncio.to_thread(start_child, self.db)
+        except (PachydermError, OSError) as e:
+            self.starting = False
+            while self.queue:
+                job = self.queue.popleft()
+                answer(job, None, Unavailable(f"the SQLite writer process died: {e}"))
+            self.pump()
+            return
+        self.starting = False
+        if self.closed and not self.queue:
+            await asyncio.to_thread(child.close)
+        else:
+            self.attach(child, counts)
+        self.pump()
 
 
-def _groups(jobs: list[Job]) -> Iterator[list[Job]]:
-    """Consecutive commit requests up to ``GROUP_WRITES`` writes (at least one); a prune alone."""
-    group: list[Job] = []
-    size = 0
-    for job in jobs:
-        if job[0] != COMMIT:
-            if group:
-                yield group
-                group, size = [], 0
-            yield [job]
-            continue
-        if group and size + len(job[1]) > GROUP_WRITES:
-            yield group
-            group, size = [], 0
-        group.append(job)
-        size += len(job[1])
-    if group:
-        yield group
+# Restarts in progress (a task must be referenced until it ends).
+_restarts: set[asyncio.Task[None]] = set()
+
+
+def _lost(job: Job, whole: bool, path: str) -> BaseException:
+    """The error of a job whose child died before it answered (``whole``: its frame was sent)."""
+    if job[0] == COMMIT and whole:
+        return Indeterminate(
+            f"the SQLite writer process died during a commit ({path}): the outcome is unknown"
+        )
+    return Unavailable(f"the SQLite writer process died, nothing was written ({path})")
 
 
 def _encode(group: list[Job]) -> tuple[bytes, list[Job]]:
