@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
 import pytest
 
 import pachyderm
 from pachyderm import Indeterminate, Unavailable
-from pachyderm.backends import Memory, SQLite, Stored, Write
+from pachyderm.backends import (
+    Consume,
+    Envelope,
+    Fence,
+    Memory,
+    Outbox,
+    Receipt,
+    SQLite,
+    Stored,
+    Write,
+)
+from pachyderm.backends import _sqlite_process as sp
 from pachyderm.backends._sqlite_process import IDLE_CHILDREN, Link
 
 
@@ -158,3 +171,38 @@ async def test_a_world_takes_the_backends_turn_size_unless_its_options_say(
     assert sum(backend.sizes) == 20
     assert SQLite.max_batch == 500
     assert Memory.max_batch == 1000
+
+
+def test_the_wire_structs_have_the_fields_of_the_backend_rows() -> None:
+    # The child decodes writes into these: a field added to a row must be added there too.
+    pairs = [
+        (Write, sp.WireWrite),
+        (Receipt, sp.WireReceipt),
+        (Envelope, sp.WireEnvelope),
+        (Consume, sp.WireConsume),
+        (Outbox, sp.WireOutbox),
+        (Fence, sp.WireFence),
+    ]
+    for row, wire in pairs:
+        assert tuple(f.name for f in dataclasses.fields(row)) == wire.__struct_fields__, row
+    e = Envelope("A", "a", 1, 0, "B", "b", 0.0, None, b"x")
+    write = Write(
+        "T",
+        "k",
+        1,
+        2,
+        3,
+        b"d",
+        (Receipt("r", 2, b"res", 1.5),),
+        Outbox(sends=(e,), cancels=("n",), consumes=(Consume(("X", "x", 1, 0), "why", True),)),
+        (b"e1",),
+        True,
+        Fence("node", 4, 5),
+        False,
+    )
+    (decoded,) = msgspec.msgpack.decode(
+        msgspec.msgpack.encode((write,)), type=tuple[sp.WireWrite, ...]
+    )
+    assert msgspec.to_builtins(decoded) == msgspec.to_builtins(write)
+    assert decoded.outbox is not None
+    assert decoded.outbox.sends[0].id == e.id

@@ -2,7 +2,8 @@
 
 How it works (this module: the public class, and a session's start and stop; ``_sqlite_schema``:
 the file lock, the tables and the connections; ``_sqlite_jobs``: jobs, channels and the loop both
-threads run; ``_sqlite_writer``: group commit; ``_sqlite_reader``: reads):
+threads run; ``_sqlite_writer``: group commit; ``_sqlite_process``: the writer's process;
+``_sqlite_reader``: reads):
 
 - **One file per process.** ``open`` takes an exclusive ``flock`` on a sidecar file
   ``<path>.lock`` (holding the owner's pid). A second process, or a second open of the same file in
@@ -31,7 +32,7 @@ threads run; ``_sqlite_writer``: group commit; ``_sqlite_reader``: reads):
   changes are in its transaction: its consumes (each a condition, like ``expected``: a row no
   longer waiting makes the write lose, and nothing of it is applied), then its cancels (the
   writer's waiting rows of those names), then its sends (a named one first deletes its sender's
-  waiting row of that name). ``outbox_counts`` answers from counts that the writer thread keeps:
+  waiting row of that name). ``outbox_counts`` answers from counts that the writer keeps:
   counted at open, then changed by each commit, by the rows its statements changed.
 - **Layout versions.** ``meta`` holds ``schema_version``. A file of version 1 (before the
   outbox) or 2 (before the event logs) is migrated to 3 when opened, in one transaction; a file
@@ -51,7 +52,7 @@ crash of the process, but a power loss or an operating system crash may lose the
 (never corrupting the file, never keeping part of a transaction).
 
 Cancellation: cancelling the task awaiting ``commit`` does not withdraw the write. It is already
-queued for the writer thread and may still commit; the outcome is only unknown to the cancelled
+queued for the writer and may still commit; the outcome is only unknown to the cancelled
 caller (re-read the entity, or retry with the same receipt id, to learn it).
 
 Errors: if a transaction fails as a whole (disk full, I/O error, database locked by a foreign
@@ -191,7 +192,7 @@ class SQLite(Backend):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self, world: str) -> None:
-        """Open the file for ``world``: lock it, create the tables if missing, start the threads.
+        """Open the file for ``world``: lock it, start the writer (it makes the tables) and reader.
 
         Raises:
             StorageLocked: another process (or another open in this process) holds the file.
@@ -217,7 +218,7 @@ class SQLite(Backend):
         self._finalizer = weakref.finalize(self, session.abandon)
 
     async def aclose(self) -> None:
-        """Drain the queues, stop the threads, close the connections, release the lock.
+        """Drain the queues, stop the writer and reader, close the connections, release the lock.
 
         Every commit that returned, and every commit still queued when this is called, is applied
         (or failed) before this returns; commits called after this raise ``Unavailable``.
@@ -246,7 +247,7 @@ class SQLite(Backend):
         consumes is still waiting, and (an event write) no event of its entity with a seq above
         ``expected`` is stored.
 
-        The writes join the writer thread's next transaction (group commit). When this returns the
+        The writes join the writer's next transaction (group commit). When this returns the
         committed writes are durable, events included (to the level of ``synchronous``).
         Cancelling the awaiting task does not withdraw the writes: they may still commit.
 
@@ -337,7 +338,7 @@ class SQLite(Backend):
     def outbox_counts(self) -> dict[str, int]:
         """The world's outbox rows: ``{"messages": ..., "timers": ..., "dead": ...}`` (no I/O).
 
-        Counted when the file is opened, then kept by the writer thread as commits apply: exact
+        Counted when the file is opened, then kept by the writer as commits apply: exact
         when a ``commit`` returns. All zero while closed.
         """
         session = self._session
@@ -346,7 +347,7 @@ class SQLite(Backend):
         return dict(session.counts)
 
     async def prune_receipts(self, before: float) -> int:
-        """Delete the world's receipts whose ``at`` is before ``before`` (on the writer thread)."""
+        """Delete the world's receipts whose ``at`` is before ``before`` (by the writer)."""
         session = self._open_session()
         result: int = await session.writes.request(PRUNE, float(before), now=True)
         return result
@@ -361,7 +362,7 @@ class SQLite(Backend):
         rolled back ones; ``commits``: ``commit()`` calls answered; ``writes``: writes in them;
         ``events``: events appended by committed transactions; ``conflicts``: writes that lost;
         ``largest_group`` / ``average_group``: ``commit()`` calls per transaction; ``pending``: jobs
-        queued for the writer thread; ``outbox``: ``outbox_counts()``.
+        queued for the writer and not answered yet; ``outbox``: ``outbox_counts()``.
         """
         s = self._stats
         session = self._session
