@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,26 +27,40 @@ from pachyderm.backends import (
     Stored,
     Write,
 )
+from pachyderm.backends import _sqlite_child as wire
 from pachyderm.backends import _sqlite_process as sp
-from pachyderm.backends._sqlite_process import IDLE_CHILDREN, Link
 
 
-def w(key: str, expected: int, version: int) -> Write:
-    return Write("T", key, expected, version, 1, b"s")
+def w(key: str, expected: int, version: int, data: bytes = b"s") -> Write:
+    return Write("T", key, expected, version, 1, data)
 
 
-def writer_of(backend: SQLite) -> Link:
+def link_of(backend: SQLite) -> sp.Link:
     session = backend._session
     assert session is not None
-    link = session.link
-    assert isinstance(link, Link)
-    return link
+    assert session.link is not None
+    return session.link
 
 
 def pid_of(backend: SQLite) -> int:
-    child = writer_of(backend).child
+    child = link_of(backend).child
     assert child is not None
     return child.proc.pid
+
+
+async def until(condition: Any, what: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {seconds} s"
+        await asyncio.sleep(0.005)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 async def test_the_writer_runs_in_another_process_kept_for_the_next_open(tmp_path: Path) -> None:
@@ -68,21 +83,14 @@ async def test_the_writer_runs_in_another_process_kept_for_the_next_open(tmp_pat
     finally:
         await second.aclose()
     # Several opens at once: each its own child; at most IDLE_CHILDREN stay.
-    many = [SQLite(tmp_path / f"m{i}.db") for i in range(IDLE_CHILDREN + 2)]
+    many = [SQLite(tmp_path / f"m{i}.db") for i in range(sp.IDLE_CHILDREN + 2)]
     for b in many:
         await b.open("default")
     pids = {pid_of(b) for b in many}
     assert len(pids) == len(many)
     for b in many:
         await b.aclose()
-    alive = 0
-    for p in pids:
-        try:
-            os.kill(p, 0)
-            alive += 1
-        except ProcessLookupError:
-            pass
-    assert alive <= IDLE_CHILDREN
+    assert sum(map(alive, pids)) <= sp.IDLE_CHILDREN
     third = SQLite(tmp_path / "a.db")
     await third.open("default")
     try:
@@ -94,20 +102,20 @@ async def test_the_writer_runs_in_another_process_kept_for_the_next_open(tmp_pat
 async def test_a_writer_process_that_dies_fails_what_it_did_not_answer(tmp_path: Path) -> None:
     backend = SQLite(tmp_path / "w.db")
     await backend.open("default")
+    link = link_of(backend)
     try:
         assert await backend.commit([w("a", 0, 1)]) == [True]
         # Dies while idle: the next group gets a new child, and loses nothing.
         first = pid_of(backend)
         os.kill(first, signal.SIGKILL)
-        await asyncio.sleep(0.05)
+        await until(lambda: link.child is None, "told of the death")
         assert await backend.commit([w("a", 1, 2)]) == [True]
         second = pid_of(backend)
         assert second != first
         # Dies with a group in it (stopped, then killed): that group's outcome is unknown.
         os.kill(second, signal.SIGSTOP)
         pending = asyncio.ensure_future(backend.commit([w("a", 2, 3)]))
-        await asyncio.sleep(0.05)
-        assert not pending.done()
+        await until(lambda: link.sent, "sent")
         os.kill(second, signal.SIGKILL)
         with pytest.raises(Indeterminate, match="writer process died during a commit"):
             await pending
@@ -120,6 +128,137 @@ async def test_a_writer_process_that_dies_fails_what_it_did_not_answer(tmp_path:
         await backend.aclose()
 
 
+async def test_a_frame_the_child_never_got_whole_goes_to_the_next_child(tmp_path: Path) -> None:
+    backend = SQLite(tmp_path / "w.db")
+    await backend.open("default")
+    link = link_of(backend)
+    big = os.urandom(4 << 20)  # more than a pipe holds: the frame waits, half written
+    try:
+        pid = pid_of(backend)
+        os.kill(pid, signal.SIGSTOP)
+        pending = asyncio.ensure_future(backend.commit([w("big", 0, 1, big)]))
+        await until(lambda: link.out, "half written")
+        os.kill(pid, signal.SIGKILL)
+        assert await pending == [True]  # sent again, whole, to a new child
+        assert pid_of(backend) != pid
+        assert await backend.load_many([("T", "big")]) == [Stored(1, 1, big)]
+    finally:
+        await backend.aclose()
+
+
+async def test_a_bad_value_fails_alone_in_its_group(tmp_path: Path) -> None:
+    backend = SQLite(tmp_path / "w.db")
+    await backend.open("default")
+    try:
+        pid = pid_of(backend)
+        bad_values: list[Write] = [
+            w("none", 0, 1, None),  # type: ignore[arg-type]
+            dataclasses.replace(w("float", 0, 1), version=1.5),  # type: ignore[arg-type]
+            dataclasses.replace(w("obj", 0, 1), data=object()),  # type: ignore[arg-type]
+        ]
+        # One group: each bad request beside good ones, all queued in one loop iteration.
+        calls = [backend.commit([w(f"good{i}", 0, 1)]) for i in range(3)]
+        calls[1:1] = [backend.commit([bad]) for bad in bad_values]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert [results[0], results[-2], results[-1]] == [[True]] * 3
+        assert all(isinstance(r, TypeError) for r in results[1:4]), results
+        assert pid_of(backend) == pid  # the child lives on
+        stored = await backend.load_many([("T", f"good{i}") for i in range(3)])
+        assert stored == [Stored(1, 1, b"s")] * 3
+        assert await backend.load_many([("T", "none"), ("T", "float")]) == [None, None]
+    finally:
+        await backend.aclose()
+
+
+async def test_a_child_that_cannot_be_started_fails_the_queue_until_one_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = SQLite(tmp_path / "w.db")
+    await backend.open("default")
+    link = link_of(backend)
+    try:
+        assert await backend.commit([w("a", 0, 1)]) == [True]
+
+        def refuse(path: str) -> sp._Child:
+            raise Unavailable("no process today")
+
+        monkeypatch.setattr(sp._Child, "take", staticmethod(refuse))
+        os.kill(pid_of(backend), signal.SIGKILL)
+        await until(lambda: link.child is None, "told of the death")
+        with pytest.raises(Unavailable, match="no process today"):
+            await backend.commit([w("a", 1, 2)])
+        monkeypatch.undo()
+        assert await backend.commit([w("a", 1, 2)]) == [True]
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("torn", [False, True])
+async def test_a_cancelled_aclose_starts_no_new_child(tmp_path: Path, torn: bool) -> None:
+    backend = SQLite(tmp_path / "w.db")
+    await backend.open("default")
+    link = link_of(backend)
+    pid = pid_of(backend)
+    os.kill(pid, signal.SIGSTOP)
+    # Torn: more than a pipe holds, so the frame is half written when the input is closed.
+    data = os.urandom(4 << 20) if torn else b"s"
+    pending = asyncio.ensure_future(backend.commit([w("a", 0, 1, data)]))
+    await until(lambda: link.out if torn else link.sent, "sent")
+    closing = asyncio.ensure_future(backend.aclose())
+    await asyncio.sleep(0.05)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    os.kill(pid, signal.SIGCONT)  # it answers what it has whole, then sees its input ended
+    if torn:  # never run, and not sent again to a new child
+        with pytest.raises(Unavailable):
+            await pending
+    else:
+        assert await pending == [True]
+    await until(lambda: link.child is None, "ended")
+    await until(lambda: not sp._restarts, "restarts done")
+    assert link.child is None
+    with pytest.raises(Unavailable):
+        await link.request(0, (w("b", 0, 1),))
+    again = SQLite(tmp_path / "w.db")  # the lock was released; the commit is there if it ran
+    await again.open("default")
+    try:
+        expected = None if torn else Stored(1, 1, data)
+        assert await again.load_many([("T", "a")]) == [expected]
+    finally:
+        await again.aclose()
+
+
+async def test_aclose_from_another_event_loop(tmp_path: Path) -> None:
+    backend = SQLite(tmp_path / "w.db")
+    await backend.open("default")
+    assert await backend.commit([w("a", 0, 1)]) == [True]
+    await asyncio.to_thread(asyncio.run, backend.aclose())  # done by the owner loop
+    again = SQLite(tmp_path / "w.db")
+    await again.open("default")
+    try:
+        assert await again.load_many([("T", "a")]) == [Stored(1, 1, b"s")]
+    finally:
+        await again.aclose()
+
+
+async def test_a_group_over_the_frame_limit_is_sent_again_request_by_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sp, "MAX_FRAME", 1500)
+    backend = SQLite(tmp_path / "w.db")
+    await backend.open("default")
+    try:
+        calls = [backend.commit([w(f"k{i}", 0, 1, b"x" * 400)]) for i in range(3)]
+        calls.append(backend.commit([w("huge", 0, 1, b"x" * 2000)]))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert results[:3] == [[True]] * 3
+        assert isinstance(results[3], pachyderm.TooLarge)
+        assert backend.statistics()["transactions"] == 3  # one group each
+    finally:
+        await backend.aclose()
+
+
 async def test_a_file_the_child_refuses_is_unavailable_and_the_child_serves_on(
     tmp_path: Path,
 ) -> None:
@@ -127,12 +266,49 @@ async def test_a_file_the_child_refuses_is_unavailable_and_the_child_serves_on(
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(Unavailable):
         await SQLite(bad).open("default")
+    assert sp._idle
+    kept = sp._idle[-1].proc.pid
     good = SQLite(tmp_path / "good.db")
     await good.open("default")
     try:
+        assert pid_of(good) == kept
         assert await good.commit([w("a", 0, 1)]) == [True]
     finally:
         await good.aclose()
+
+
+def test_the_wire_structs_have_the_fields_of_the_backend_rows() -> None:
+    # The child decodes writes into these: a field added to a row must be added there too.
+    pairs = [
+        (Write, wire.WireWrite),
+        (Receipt, wire.WireReceipt),
+        (Envelope, wire.WireEnvelope),
+        (Consume, wire.WireConsume),
+        (Outbox, wire.WireOutbox),
+        (Fence, wire.WireFence),
+    ]
+    for row, struct in pairs:
+        assert tuple(f.name for f in dataclasses.fields(row)) == struct.__struct_fields__, row
+    e = Envelope("A", "a", 1, 0, "B", "b", 0.0, None, b"x")
+    write = Write(
+        "T",
+        "k",
+        1,
+        2,
+        3,
+        b"d",
+        (Receipt("r", 2, b"res", 1.5),),
+        Outbox(sends=(e,), cancels=("n",), consumes=(Consume(("X", "x", 1, 0), "why", True),)),
+        (b"e1",),
+        True,
+        Fence("node", 4, 5),
+        False,
+    )
+    encoded = msgspec.msgpack.encode((write,))
+    (decoded,) = msgspec.msgpack.decode(encoded, type=tuple[wire.WireWrite, ...])
+    assert msgspec.to_builtins(decoded) == msgspec.to_builtins(write)
+    assert decoded.outbox is not None
+    assert decoded.outbox.sends[0].id == e.id
 
 
 class Counter(pachyderm.Entity):
@@ -169,40 +345,3 @@ async def test_a_world_takes_the_backends_turn_size_unless_its_options_say(
         await asyncio.gather(*[world.activate((Counter, f"k{i}"), "x") for i in range(20)])
     assert max(backend.sizes) == largest
     assert sum(backend.sizes) == 20
-    assert SQLite.max_batch == 500
-    assert Memory.max_batch == 1000
-
-
-def test_the_wire_structs_have_the_fields_of_the_backend_rows() -> None:
-    # The child decodes writes into these: a field added to a row must be added there too.
-    pairs = [
-        (Write, sp.WireWrite),
-        (Receipt, sp.WireReceipt),
-        (Envelope, sp.WireEnvelope),
-        (Consume, sp.WireConsume),
-        (Outbox, sp.WireOutbox),
-        (Fence, sp.WireFence),
-    ]
-    for row, wire in pairs:
-        assert tuple(f.name for f in dataclasses.fields(row)) == wire.__struct_fields__, row
-    e = Envelope("A", "a", 1, 0, "B", "b", 0.0, None, b"x")
-    write = Write(
-        "T",
-        "k",
-        1,
-        2,
-        3,
-        b"d",
-        (Receipt("r", 2, b"res", 1.5),),
-        Outbox(sends=(e,), cancels=("n",), consumes=(Consume(("X", "x", 1, 0), "why", True),)),
-        (b"e1",),
-        True,
-        Fence("node", 4, 5),
-        False,
-    )
-    (decoded,) = msgspec.msgpack.decode(
-        msgspec.msgpack.encode((write,)), type=tuple[sp.WireWrite, ...]
-    )
-    assert msgspec.to_builtins(decoded) == msgspec.to_builtins(write)
-    assert decoded.outbox is not None
-    assert decoded.outbox.sends[0].id == e.id

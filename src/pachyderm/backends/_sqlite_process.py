@@ -1,9 +1,9 @@
 """The SQLite backend's writer process: the writer's transactions, off the event loop's core.
 
-The writer (``_sqlite_writer.Writer``) runs in a child process of its own, started by ``open``
-with this module's ``main``. Its transactions then run on the second core while the event loop
-runs the next activations. (In one process they only took turns: sqlite3 takes the GIL back
-after every row it writes, and waits for it while the event loop runs Python.)
+The writer (``_sqlite_writer.Writer``) runs in a child process of its own, whose program is
+``_sqlite_child.main``. Its transactions then run on the second core while the event loop runs
+the next activations. (In one process they only took turns: sqlite3 takes the GIL back after
+every row it writes, and waits for it while the event loop runs Python.)
 
 - **The parent's side, ``Link``**, is driven by the event loop that opened the backend, with no
   thread: ``request`` collects the jobs of one loop iteration and queues them at the next; the
@@ -15,26 +15,21 @@ after every row it writes, and waits for it while the event loop runs Python.)
   own loops. The cap on a group is what lets the two processes overlap: while one group
   commits, the callers of the one before run their next activations (hence also the world's
   turns of 500 entities on SQLite, ``SQLite.max_batch``).
-- **The child** reads a frame of jobs from its stdin, runs them with ``Writer.run`` (so group
-  commit, the fast and slow paths, and the retries alone are the writer thread's code), and
-  writes one frame back on its stdout: each job's result or error, the outbox counts, and the
-  counters. It ignores ``SIGINT`` and runs in its own session: a ``Ctrl-C`` reaches the parent,
-  which then closes it.
-- **Frames** are a 4-byte length and MessagePack (msgspec): writes are dataclasses of builtin
-  values; nothing is pickled either way. Errors travel as the name of their class (one of the
-  error tree's, or ``TypeError``) and their text.
-- **Children are kept for the next open.** ``aclose`` detaches the child from its file (it
+- **Children are kept for the next open.** ``stop`` detaches the child from its file (it
   closes its connection, which checkpoints, and says so) and keeps it, idle, for the next open
   of this process (at most ``IDLE_CHILDREN``): a new child costs an interpreter's start, about a
   tenth of a second, where a reused one costs a connection. A child exits at the end of its
-  stdin: when its parent ends it, or exits, or dies.
+  stdin: when its parent ends it, or exits, or dies. It ignores ``SIGINT`` and runs in a session
+  of its own: a ``Ctrl-C`` reaches the parent, which then closes it. It is started isolated
+  (``python -I``: no current folder, no ``PYTHON*`` variables) with the parent's ``sys.path``,
+  and says which module it runs, so that it runs this very code.
 - **A child that dies** fails the groups it did not answer: ``Indeterminate`` for a commit whose
-  frame was written whole (it may have committed), ``Unavailable`` otherwise. The next group
-  gets a new child.
+  frame it got whole (it may have committed it), and a group whose frame it did not get whole is
+  sent again, to the next child, which the next group starts.
 - **The file lock** is the parent's alone. A parent killed by SIGKILL leaves a child that
-  finishes the transaction it is in, then sees the end of its input and exits; until then
-  SQLite's own lock holds that transaction's writes against a new process's writer, which waits
-  for it (``busy_timeout``).
+  finishes the groups already in its pipe (at most ``IN_FLIGHT``), then sees the end of its input
+  and exits; until then SQLite's own lock holds its writes against a new process's writer, which
+  waits for it (``busy_timeout``). A process forked from the parent forgets the children.
 
 When a write is durable: when its group's ``COMMIT`` returned in the child, which only then
 answers; the caller is answered after that. Cancellation: cancelling the caller does not
@@ -47,24 +42,24 @@ import asyncio
 import atexit
 import collections
 import contextlib
+import json
 import os
-import signal
-import struct
 import subprocess
 import sys
 import threading
-from pathlib import Path
+import weakref
 from typing import IO, Any, Final, cast
 
 import msgspec
 
-from .. import _errors
-from .._errors import Indeterminate, InvalidKey, PachydermError, TooLarge, Unavailable
-from ._sqlite_jobs import COMMIT, Channel, Job, Loop, Outcome, answer
-from ._sqlite_schema import Database, FileLock
-from ._sqlite_writer import Stats, Writer
+from .._errors import Indeterminate, InvalidKey, TooLarge, Unavailable
+from . import _sqlite_child
+from ._sqlite_child import DETACH, HEADER, MAX_FRAME, STATS, error_of, receive, send
+from ._sqlite_jobs import COMMIT, Job, Loop, answer
+from ._sqlite_schema import Database, held_lock
+from ._sqlite_writer import Stats
 
-__all__ = ["GROUP_WRITES", "IDLE_CHILDREN", "Link", "start_child"]
+__all__ = ["GROUP_WRITES", "IDLE_CHILDREN", "IN_FLIGHT", "Link", "start_child"]
 
 #: The most writes in one group (one transaction in the child), unless one request has more.
 GROUP_WRITES: Final = 512
@@ -72,137 +67,24 @@ GROUP_WRITES: Final = 512
 IN_FLIGHT: Final = 2
 #: The most idle children this process keeps for its next opens.
 IDLE_CHILDREN: Final = 2
-#: The frame that detaches a child from its file (MessagePack ``nil``).
-_DETACH: Final = b"\xc0"
+#: Seconds a child may take to exit once its input ended (it finishes its groups) before it
+#: is killed.
+_EXIT_WAIT: Final = 60.0
 
-_HEADER: Final = struct.Struct("<I")
 _ENCODE: Final = msgspec.msgpack.Encoder()
-
-
-# What the child decodes a group's writes into: Structs with the fields of `_base`'s dataclasses,
-# which the writer reads the same way (by attribute), decoded in about half the time and with no
-# `Envelope.__post_init__` call (``id`` travels). An unknown field is an error: a field added to
-# a dataclass must be added here too (a test compares them).
-class WireReceipt(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    id: str
-    version: int
-    result: bytes
-    at: float
-
-
-class WireEnvelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    sender_type: str
-    sender_key: str
-    version: int
-    index: int
-    to_type: str
-    to_key: str
-    due: float
-    name: str | None
-    data: bytes
-    id: tuple[str, str, int, int]
-
-
-class WireConsume(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    id: tuple[str, str, int, int]
-    dead: str | None = None
-    timer: bool = False
-
-
-class WireOutbox(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    sends: tuple[WireEnvelope, ...] = ()
-    cancels: tuple[str, ...] = ()
-    consumes: tuple[WireConsume, ...] = ()
-
-
-class WireFence(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    node: str
-    partition: int
-    epoch: int
-
-
-class WireWrite(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    type_name: str
-    key: str
-    expected: int
-    version: int
-    type_version: int
-    data: bytes
-    receipts: tuple[WireReceipt, ...] = ()
-    outbox: WireOutbox | None = None
-    events: tuple[bytes, ...] | None = None
-    snapshot: bool = False
-    fence: WireFence | None = None
-    fenced: bool = False
-
-
-#: A group: ``[kind, index in the group, argument]`` per job.
-_JOBS: Final = msgspec.msgpack.Decoder(list[tuple[int, int, tuple[WireWrite, ...] | float]])
-_STATS: Final = (
-    "transactions",
-    "failed_transactions",
-    "commits",
-    "writes",
-    "events",
-    "conflicts",
-    "largest_group",
+_PATH_VARIABLE: Final = "_PACHYDERM_SQLITE_SYS_PATH"
+_PROGRAM: Final = (
+    "import json, os, sys; "
+    f"sys.path[:] = json.loads(os.environ.pop({_PATH_VARIABLE!r})); "
+    "from pachyderm.backends._sqlite_child import main; main()"
 )
-_PACKAGE_ROOT: Final = str(Path(__file__).resolve().parents[2])
 
 
-# -- frames ---------------------------------------------------------------------------------
-
-
-def _send(fd: int, payload: bytes) -> None:
-    view = memoryview(_HEADER.pack(len(payload)) + payload)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    parts = []
-    while n:
-        part = os.read(fd, min(n, 1 << 20))
-        if not part:
-            return None
-        parts.append(part)
-        n -= len(part)
-    return b"".join(parts)
-
-
-def _receive(fd: int) -> bytes | None:
-    """The next frame, or None at the end of the stream (the other end closed or died)."""
-    header = _read_exactly(fd, _HEADER.size)
-    if header is None:
-        return None
-    return _read_exactly(fd, _HEADER.unpack(header)[0])
-
-
-def _error_body(error: BaseException | None) -> list[str] | None:
-    if error is None:
-        return None
-    if isinstance(error, PachydermError):
-        name = next(c.__name__ for c in type(error).__mro__ if hasattr(_errors, c.__name__))
-    else:
-        name = "TypeError" if isinstance(error, TypeError) else "Unavailable"
-    return [name, str(error)]
-
-
-def _error_of(body: list[str]) -> BaseException:
-    name, text = body
-    if name == "TypeError":
-        return TypeError(text)
-    cls = getattr(_errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, PachydermError):
-        return cls(text)
-    return Unavailable(text)  # pragma: no cover - the child only sends the names above
-
-
-# -- the parent -----------------------------------------------------------------------------
+# -- the children ---------------------------------------------------------------------------
 
 
 class _Child:
-    """A running child: its pipes, and whether it died (what ``Worker`` calls a connection)."""
+    """A running child: its process, its pipes, and whether it died."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
@@ -211,10 +93,12 @@ class _Child:
         self.to_child = self.stdin.fileno()
         self.from_child = self.stdout.fileno()
         self.dead = False
+        self.forked = False  # this process is a fork of the child's parent
+        _children.add(self)
 
     @classmethod
     def take(cls, path: str) -> _Child:
-        """An idle child of this process, or a new one."""
+        """An idle child of this process, or a new one (blocking)."""
         with _idle_lock:
             while _idle:
                 child = _idle.pop()
@@ -222,59 +106,70 @@ class _Child:
                     return child
                 child.end()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT, env.get("PYTHONPATH"))))
+        env[_PATH_VARIABLE] = json.dumps([p for p in sys.path if p])
         try:
-            proc = subprocess.Popen(  # noqa: S603 - our own module, by this Python
-                [sys.executable, "-c", f"from {__name__} import main; main()"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                start_new_session=True,
-                env=env,
-            )
+            # Under the file locks' lock: a lock released while the child is between its fork
+            # and its exec would stay held by the child's copy of the descriptor until the exec.
+            with held_lock:
+                proc = subprocess.Popen(  # noqa: S603 - our own program, by this Python
+                    [sys.executable, "-I", "-c", _PROGRAM],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    start_new_session=True,
+                    env=env,
+                )
         except OSError as e:
             raise Unavailable(f"cannot start the SQLite writer process ({path}): {e}") from e
         return cls(proc)
 
     def exchange(self, payload: bytes) -> Any:
-        """Send a frame and wait for the child's answer, decoded; None if it died (``dead``)."""
+        """Send a frame and wait for the answer (blocking), decoded; None if it died (``dead``)."""
         try:
-            _send(self.to_child, payload)
+            send(self.to_child, payload)
         except OSError:
             self.dead = True
             return None
-        frame = _receive(self.from_child)
+        frame = receive(self.from_child)
         if frame is None:
             self.dead = True
             return None
         return msgspec.msgpack.decode(frame)
 
     def close(self) -> None:
-        """Detach the child from its file (its connection closed), and keep it idle or end it."""
+        """Detach the child from its file (blocking), and keep it idle or end it."""
         if not self.dead:
-            self.exchange(_DETACH)  # answered with the same frame, once its connection closed
-        if not self.dead:
-            self.keep()
-        else:
+            self.exchange(DETACH)  # answered with the same frame, once its connection closed
+        if self.dead:
             self.end()
+        else:
+            self.keep()
 
     def keep(self) -> None:
         """Keep this child (detached) for a later open, or end it if enough are kept."""
         with _idle_lock:
-            if len(_idle) < IDLE_CHILDREN:
+            if len(_idle) < IDLE_CHILDREN and not self.forked:
                 _idle.append(self)
                 return
         self.end()
 
     def end(self) -> None:
-        """End the child's input, and wait for it to finish its last transaction and exit."""
-        self.stdin.close()
-        self.proc.wait()
-        self.stdout.close()
+        """End the child's input, and wait for it to exit (blocking; killed if it will not)."""
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        if not self.forked:
+            try:
+                self.proc.wait(_EXIT_WAIT)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a child stuck in SQLite
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.stdout.close()
 
 
-# Idle children, detached from any file, for the next opens of this process.
+# Idle children, detached from any file, for the next opens of this process; and every child.
 _idle: list[_Child] = []
 _idle_lock = threading.Lock()
+_children: weakref.WeakSet[_Child] = weakref.WeakSet()
 
 
 @atexit.register
@@ -285,6 +180,19 @@ def _end_idle() -> None:
         _idle.clear()
     for child in idle:
         child.end()
+
+
+def _forget_children() -> None:
+    """In a forked process: the children are its parent's; close its copies of their pipes."""
+    _idle.clear()
+    for child in list(_children):
+        child.forked = child.dead = True
+        for pipe in (child.stdin, child.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
+os.register_at_fork(after_in_child=_forget_children)
 
 
 def start_child(db: Database) -> tuple[_Child, dict[str, int]]:
@@ -307,26 +215,33 @@ def start_child(db: Database) -> tuple[_Child, dict[str, int]]:
             f"the SQLite writer process exited as it started ({db.path}, exit code "
             f"{child.proc.returncode}; its standard error says why)"
         )
-    if ready[0] is not None:  # the file is refused; the child waits for another
+    error, counts, module = ready
+    if module != _sqlite_child.__file__:
+        child.end()
+        raise Unavailable(
+            f"the SQLite writer process runs {module}, not {_sqlite_child.__file__}: its "
+            "sys.path finds another Pachyderm"
+        )
+    if error is not None:  # the file is refused; the child waits for another
         child.keep()
-        raise _error_of(ready[0])
-    return child, ready[1]
+        raise error_of(error)
+    return child, counts
+
+
+# -- the link -------------------------------------------------------------------------------
 
 
 class Link:
     """The event loop's side of the writer process: group commit over two pipes.
 
-    Driven by the event loop that opened the backend (no thread, so nothing here waits for the
-    GIL): ``request`` collects the jobs of one loop iteration and queues them at the next; one
-    group at a time is in the child; its answer (read when the pipe is readable) answers the
-    group's callers and sends the next group. Jobs from other event loops come through
-    ``call_soon_threadsafe`` and are answered on their own loops.
-
-    Mutable state, on the owner loop only: ``collected``, ``queue``, ``sent`` (the group in the
-    child), ``out`` (what is left to write of its frame), ``inbox`` (what was read of the next
-    answer), ``child`` (None while none serves), ``starting`` (a new child is on its way),
-    ``counts`` (replaced, never changed in place, before a group's callers are answered),
-    ``closed``, ``waiters`` (``stop`` waiting for the queue to drain) and the shared ``stats``.
+    Mutable state, on the owner loop only: ``collected`` (this iteration's jobs), ``queue``,
+    ``sent`` (the groups in the child, oldest first), ``out`` (what is left to write of the
+    last frame), ``inbox`` (what was read of the next answer), ``child`` (None while none
+    serves), ``starting`` (a new child is on its way), ``alone`` (how many jobs at the head of
+    the queue go one group each: their group was too large for a frame), ``counts`` (replaced,
+    never changed in place, before a group's callers are answered), ``closed`` (no new jobs),
+    ``abandoned`` (nothing more is sent), ``waiters`` (``stop`` waiting for the queue to drain)
+    and the shared ``stats``.
     """
 
     def __init__(self, db: Database, stats: Stats, loop: Loop) -> None:
@@ -342,10 +257,12 @@ class Link:
         self.out = b""
         self.inbox = bytearray()
         self.starting = False
+        self.alone = 0
         self.closed = False
+        self.abandoned = False
         self.waiters: list[asyncio.Future[None]] = []
 
-    # -- start and stop (on the owner loop, but ``abandon``) --------------------------------
+    # -- start and stop -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start (or take) the child and attach its pipes to the loop."""
@@ -359,7 +276,7 @@ class Link:
         self.loop.add_reader(child.from_child, self.readable)
 
     def detach(self) -> _Child | None:
-        """Take the child off the loop (its pipes blocking again, for ``_Child.close``)."""
+        """Take the child off the loop (its input blocking again, for ``_Child.close``)."""
         child, self.child = self.child, None
         if child is not None:
             self.loop.remove_reader(child.from_child)
@@ -373,9 +290,20 @@ class Link:
     async def stop(self) -> None:
         """Run every job queued so far, then detach the child (it closes its connection).
 
-        Jobs that come after get ``Unavailable``. Cancelled while waiting: the child is ended
-        without waiting, as by ``abandon``.
+        Jobs that come after get ``Unavailable``. From another event loop: the owner loop does
+        it, if it still runs; if it does not, the child is ended and the jobs still queued fail.
+        Cancelled while waiting: the child is ended without waiting, as by ``abandon``.
         """
+        if asyncio.get_running_loop() is not self.loop:
+            if self.loop.is_running():
+                future = asyncio.run_coroutine_threadsafe(self.stop(), self.loop)
+                await asyncio.wrap_future(future)
+            else:
+                self.give_up()
+                child = self.detach()  # (on a closed loop, its readers are gone already)
+                if child is not None:
+                    await asyncio.to_thread(child.end)
+            return
         self.flush()
         self.closed = True
         try:
@@ -394,18 +322,36 @@ class Link:
         return bool(self.queue or self.sent or self.starting)
 
     def abandon(self) -> None:
-        """End the child without waiting (a failed open, a cancelled stop, a backend lost).
+        """Send nothing more, and end the child without waiting (a failed open, a cancelled
+        stop, a backend never closed). From any thread: it is done on the owner loop if that
+        runs; the child finishes the groups it has, and their callers are still answered."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self.loop and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: done here
+                self.loop.call_soon_threadsafe(self.abandon_now)
+                return
+        self.abandon_now()
 
-        May run outside the loop (a finalizer): it only closes the child's input, so that the
-        child finishes what it is doing and exits; the loop, if it still runs, sees the end.
-        """
-        self.closed = True
+    def abandon_now(self) -> None:
+        self.give_up()
         child = self.child
         if child is not None and not child.stdin.closed:
+            self.loop.remove_writer(child.to_child)  # a torn frame stays torn: never run
             with contextlib.suppress(OSError):
-                child.stdin.close()
+                child.stdin.close()  # it ends once it has answered what it has
 
-    # -- requests ---------------------------------------------------------------------------
+    def give_up(self) -> None:
+        """Refuse new jobs and fail the queued ones: nothing more goes to a child."""
+        self.closed = self.abandoned = True
+        self.flush_collected()
+        while self.queue:
+            job = self.queue.popleft()
+            answer(job, None, Unavailable(f"the SQLite backend is closed ({self.path})"))
+
+    # -- requests -----------------------------------------------------------------------------
 
     def request(self, kind: int, arg: object, *, now: bool = False) -> asyncio.Future[Any]:
         """On any running loop: queue a job (at once if ``now``) and return its future."""
@@ -426,7 +372,7 @@ class Link:
             answer(job, None, Unavailable(f"the SQLite backend is closed ({self.path})"))
             return
         if now:
-            self.flush()
+            self.flush_collected()
             self.queue.append(job)
             self.pump()
             return
@@ -434,10 +380,14 @@ class Link:
             self.loop.call_soon(self.flush)
         self.collected.append(job)
 
-    def flush(self) -> None:
+    def flush_collected(self) -> None:
         if self.collected:
             self.queue.extend(self.collected)
             self.collected = []
+
+    def flush(self) -> None:
+        if self.collected:
+            self.flush_collected()
             self.pump()
 
     def pending(self) -> int:
@@ -450,23 +400,28 @@ class Link:
 
         A new frame waits until the last one is written whole.
         """
+        if self.abandoned:
+            self.give_up()
         sent = self.sent
         while len(sent) < IN_FLIGHT and self.queue and not self.starting and not self.out:
             child = self.child
             if child is None or child.dead:
                 self.restart()
-                return
+                break
             group = self.take()
-            payload, jobs = _encode(group)
-            if len(jobs) < len(group):
-                kept = {id(job) for job in jobs}
-                for job in group:
-                    if id(job) not in kept:  # refused by the encoder: a bad value of its own
-                        answer(job, None, _encode_error(job)[1])
-                if not jobs:
+            try:
+                payload, jobs = _encode(group)
+                if len(payload) > MAX_FRAME:
+                    self.too_large(jobs)
                     continue
-            sent.append(jobs)
-            self.write(child, _HEADER.pack(len(payload)) + payload)
+                frame = HEADER.pack(len(payload)) + payload
+            except Exception as e:  # pragma: no cover - a bug here must not lose the jobs
+                for job in group:
+                    answer(job, None, Unavailable(f"internal error of the SQLite backend: {e!r}"))
+                continue
+            if jobs:
+                sent.append(jobs)
+                self.write(child, frame)
         if self.waiters and not self.busy():
             for waiter in self.waiters:
                 if not waiter.done():
@@ -478,6 +433,9 @@ class Link:
         queue = self.queue
         first = queue.popleft()
         group = [first]
+        if self.alone:
+            self.alone -= 1
+            return group
         if first[0] != COMMIT:
             return group
         size = len(first[1])
@@ -487,14 +445,22 @@ class Link:
             size += len(job[1])
         return group
 
+    def too_large(self, jobs: list[Job]) -> None:
+        """A group over the frame's limit: its jobs go again one by one; one alone fails."""
+        if len(jobs) == 1:
+            answer(jobs[0], None, TooLarge(f"a commit is over the writer's frame ({self.path})"))
+            return
+        self.queue.extendleft(reversed(jobs))
+        self.alone = len(jobs)
+
     def write(self, child: _Child, data: bytes) -> None:
         try:
             written = os.write(child.to_child, data)
         except BlockingIOError:
             written = 0
-        except OSError:  # the child is gone
+        except OSError:  # the child is gone: its answers so far, then the end, come to `readable`
             self.out = data
-            self.died(child)
+            self.loop.remove_writer(child.to_child)
             return
         self.out = data[written:]
         if self.out:
@@ -521,65 +487,98 @@ class Link:
             return
         inbox = self.inbox
         inbox += chunk
-        while len(inbox) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(inbox)
-            if len(inbox) < _HEADER.size + size:
+        while len(inbox) >= HEADER.size:
+            (size,) = HEADER.unpack_from(inbox)
+            if len(inbox) < HEADER.size + size:
                 break
-            frame = bytes(inbox[_HEADER.size : _HEADER.size + size])
-            del inbox[: _HEADER.size + size]
+            frame = bytes(inbox[HEADER.size : HEADER.size + size])
+            del inbox[: HEADER.size + size]
             self.answered(msgspec.msgpack.decode(frame))
         self.pump()
 
     def answered(self, reply: Any) -> None:
-        """The child answered the group in it: count, and answer its callers."""
+        """The child answered its oldest group: count, and answer that group's callers."""
         sent = self.sent.popleft()
         outcomes, counts, stats = reply
         s = self.stats
-        for name, value in zip(_STATS, stats, strict=True):
+        for name, value in zip(STATS, stats, strict=True):
             if name == "largest_group":
                 s.largest_group = max(s.largest_group, value)
             else:
                 setattr(s, name, getattr(s, name) + value)
         self.counts = counts
-        for index, result, error_body in outcomes:
+        if outcomes is None:  # pragma: no cover - the child could not read the frame (a bug)
+            outcomes = [
+                [
+                    i,
+                    None,
+                    ["Unavailable", f"the SQLite writer could not read a group ({self.path})"],
+                ]
+                for i in range(len(sent))
+            ]
+        loop = self.loop
+        for index, result, body in outcomes:
             job = sent[index]
-            answer(job, result, None if error_body is None else _error_of(error_body))
+            error = None if body is None else error_of(body)
+            future = job[2]
+            if job[3] is loop:  # on the owner loop: at once, not through the loop's self-pipe
+                if not future.done():
+                    if error is None:
+                        future.set_result(result)
+                    else:
+                        future.set_exception(error)
+            else:
+                answer(job, result, error)
 
     def died(self, child: _Child) -> None:
-        """The child is gone: fail the group in it; the next group gets a new child."""
+        """The child is gone: fail the groups it got whole; send a torn one again, later."""
         child.dead = True
         torn = bool(self.out)  # the last frame was not written whole: the child never ran it
         self.detach()
         groups = list(self.sent)
         self.sent.clear()
-        for i, group in enumerate(groups):
-            whole = not (torn and i == len(groups) - 1)
+        if torn:
+            self.queue.extendleft(reversed(groups.pop()))
+        for group in groups:
             for job in group:
-                answer(job, None, _lost(job, whole, self.path))
+                if job[0] == COMMIT:
+                    error: BaseException = Indeterminate(
+                        f"the SQLite writer process died during a commit ({self.path}): "
+                        "the outcome is unknown"
+                    )
+                else:
+                    error = Unavailable(
+                        f"the SQLite writer process died during a prune ({self.path}): "
+                        "it may or may not have pruned"
+                    )
+                answer(job, None, error)
         with contextlib.suppress(OSError):
             child.stdin.close()
         self.loop.run_in_executor(None, child.end)  # reap it without blocking the loop
         self.pump()
 
     def restart(self) -> None:
-        """Start a new child for the queued jobs (in a thread); fail them if none can start."""
+        """Start a new child for the queued jobs (in a thread)."""
         self.starting = True
         task = self.loop.create_task(self.restarted())
         _restarts.add(task)
         task.add_done_callback(_restarts.discard)
 
     async def restarted(self) -> None:
+        """Attach the new child, or fail the queued jobs if none could start."""
         try:
             child, counts = await asyncio.to_thread(start_child, self.db)
-        except (PachydermError, OSError) as e:
+        except BaseException as e:
             self.starting = False
             while self.queue:
                 job = self.queue.popleft()
                 answer(job, None, Unavailable(f"the SQLite writer process died: {e}"))
             self.pump()
+            if not isinstance(e, Exception):
+                raise
             return
         self.starting = False
-        if self.closed and not self.queue:
+        if self.abandoned:
             await asyncio.to_thread(child.close)
         else:
             self.attach(child, counts)
@@ -590,103 +589,32 @@ class Link:
 _restarts: set[asyncio.Task[None]] = set()
 
 
-def _lost(job: Job, whole: bool, path: str) -> BaseException:
-    """The error of a job whose child died before it answered (``whole``: its frame was sent)."""
-    if job[0] == COMMIT and whole:
-        return Indeterminate(
-            f"the SQLite writer process died during a commit ({path}): the outcome is unknown"
-        )
-    return Unavailable(f"the SQLite writer process died, nothing was written ({path})")
-
-
 def _encode(group: list[Job]) -> tuple[bytes, list[Job]]:
-    """The group as a frame, and its jobs in it: all, unless some hold values no frame can."""
+    """The group as a frame, and the jobs in it: all, unless some hold values no frame can.
+
+    Those are answered here with the error the writer would give.
+    """
     try:
         return _ENCODE.encode([(kind, i, arg) for i, (kind, arg, _, _) in enumerate(group)]), group
     except (TypeError, ValueError, OverflowError):
-        sent = [job for job in group if _encode_error(job)[0]]
+        sent = []
+        for job in group:
+            error = _encode_error(job)
+            if error is None:
+                sent.append(job)
+            else:
+                answer(job, None, error)
         return _ENCODE.encode([(kind, i, arg) for i, (kind, arg, _, _) in enumerate(sent)]), sent
 
 
-def _encode_error(job: Job) -> tuple[bool, BaseException | None]:
-    """Whether one job can be sent; if not, the error its caller gets (as the writer's)."""
+def _encode_error(job: Job) -> BaseException | None:
+    """None if the job can be sent; if not, the error its caller gets (as the writer's)."""
     try:
         _ENCODE.encode(job[1])
     except UnicodeEncodeError as e:
-        return False, InvalidKey(
-            f"a type name, key, receipt id or outbox text is not valid Unicode: {e}"
-        )
+        return InvalidKey(f"a type name, key, receipt id or outbox text is not valid Unicode: {e}")
     except OverflowError as e:
-        return False, TooLarge(f"a value is over SQLite's limits: {e}")
+        return TooLarge(f"a value is over SQLite's limits: {e}")
     except (TypeError, ValueError) as e:
-        return False, TypeError(f"commit() got a value SQLite cannot store: {e!r}")
-    return True, None
-
-
-# -- the child ------------------------------------------------------------------------------
-
-
-class _Answers:
-    """What ``Writer`` takes for a loop, in the child: it keeps the outcomes for the reply."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-
-    def call_soon_threadsafe(self, _settle: object, outcomes: list[Outcome]) -> None:
-        self.outcomes.extend(outcomes)
-
-
-def main() -> None:
-    """The child's program: run groups from stdin until it ends; answer each on stdout."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = os.dup(1)  # the replies' own descriptor; stray output goes to stderr
-    os.dup2(2, 1)
-    try:
-        while (settings := _receive(0)) is not None:
-            _serve(out, msgspec.msgpack.decode(settings))
-    except BrokenPipeError:  # the parent died before our answer: nobody is left to tell
-        pass
-
-
-def _serve(out: int, settings: list[Any]) -> None:
-    """Open one file's writer and run its groups, until detached; answer each frame on ``out``."""
-    path, world, synchronous_sql, busy_timeout, max_pages = settings
-    db = Database(
-        path,
-        world,
-        synchronous_sql=synchronous_sql,
-        busy_timeout=busy_timeout,
-        max_pages=max_pages,
-        on_connect=None,
-    )
-    stats = Stats()
-    writer = Writer(db, cast(Channel, None), cast(FileLock, None), stats)
-    try:
-        conn = writer.connect()
-    except BaseException as e:  # the parent raises it
-        _send(out, _ENCODE.encode([_error_body(e), None]))
-        return
-    _send(out, _ENCODE.encode([None, writer.counts]))
-    sink = _Answers()
-    loop = cast(Loop, sink)
-    try:
-        while (frame := _receive(0)) is not None:
-            if frame == _DETACH:
-                break
-            jobs: list[Job] = [
-                (kind, arg, cast(Any, index), loop) for kind, index, arg in _JOBS.decode(frame)
-            ]
-            writer.run(conn, jobs)
-            outcomes = [
-                (index, result, _error_body(error)) for index, result, error in sink.outcomes
-            ]
-            sink.outcomes = []
-            reply = [outcomes, writer.counts, [getattr(stats, name) for name in _STATS]]
-            for name in _STATS:
-                setattr(stats, name, 0)
-            _send(out, _ENCODE.encode(reply))
-        else:
-            return  # the parent is gone
-    finally:
-        conn.close()
-    _send(out, _DETACH)
+        return TypeError(f"commit() got a value SQLite cannot store: {e!r}")
+    return None

@@ -95,7 +95,9 @@ SYNCHRONOUS: Final = {"FULL": "PRAGMA synchronous = FULL", "NORMAL": "PRAGMA syn
 
 # Files open in this process (real paths), so that a second open fails with a clear message.
 _held: set[str] = set()
-_held_lock = threading.Lock()
+#: Held while a lock is taken or released, and while a writer process is started (so that no
+#: lock descriptor is closed while a new process holds a copy of it, between fork and exec).
+held_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -115,7 +117,7 @@ class FileLock:
 
     The kernel releases a ``flock`` when its holder dies, however it dies (even by SIGKILL), so
     a new process can open the file at once. Mutable state: ``fd`` (held or not), changed by
-    ``acquire`` on the loop and by ``release`` on the writer thread, under ``_held_lock``.
+    ``acquire`` on the loop and by ``release`` on the writer thread, under ``held_lock``.
     """
 
     def __init__(self, path: str) -> None:
@@ -127,7 +129,7 @@ class FileLock:
         """Take the lock, or raise ``StorageLocked`` (or ``Unavailable``) at once."""
         if sys.platform == "win32":  # pragma: no cover - POSIX only
             raise Unavailable("the SQLite backend needs fcntl.flock (POSIX)")
-        with _held_lock:
+        with held_lock:
             if self.real in _held:
                 raise StorageLocked(
                     f"{self.path} is already open in this process (pid {os.getpid()}); "
@@ -159,7 +161,7 @@ class FileLock:
 
     def release(self) -> None:
         """Free the lock if held (harmless otherwise)."""
-        with _held_lock:
+        with held_lock:
             fd, self.fd = self.fd, None
             if fd is not None:
                 with contextlib.suppress(OSError):
