@@ -123,7 +123,9 @@ class WireWrite(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     fenced: bool = False
 
 
-# A group, each argument left undecoded: each is decoded alone, so that a bad one fails alone.
+# A group, decoded whole; and, if that fails, with each argument left undecoded, to be decoded
+# alone, so that a bad one fails alone.
+_WHOLE: Final = msgspec.msgpack.Decoder(list[tuple[int, int, tuple[WireWrite, ...] | float]])
 _GROUP: Final = msgspec.msgpack.Decoder(list[tuple[int, int, msgspec.Raw]])
 _ARGUMENTS: Final[dict[int, msgspec.msgpack.Decoder[Any]]] = {
     COMMIT: msgspec.msgpack.Decoder(tuple[WireWrite, ...]),
@@ -245,13 +247,23 @@ def _serve(out: int, settings: list[Any]) -> None:
 
 def _run(writer: Writer, conn: Any, frame: bytes, sink: _Answers) -> list[Any] | None:
     """Run one group; its outcomes, or None if the frame could not be read at all."""
+    loop = cast(Loop, sink)
+    jobs: list[Job] = []
+    refused: list[Any] = []
+    try:
+        whole = _WHOLE.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    else:
+        jobs = [(kind, arg, cast(Any, index), loop) for kind, index, arg in whole]
+        writer.run(conn, jobs)
+        outcomes = [[index, result, error_body(error)] for index, result, error in sink.outcomes]
+        sink.outcomes = []
+        return outcomes
     try:
         group = _GROUP.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError):  # pragma: no cover - a parent's bug
         return None
-    loop = cast(Loop, sink)
-    jobs: list[Job] = []
-    refused: list[Any] = []
     for kind, index, raw in group:
         decoder = _ARGUMENTS.get(kind)
         try:

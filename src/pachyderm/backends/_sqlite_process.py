@@ -516,19 +516,11 @@ class Link:
                 ]
                 for i in range(len(sent))
             ]
-        loop = self.loop
+        # Through `answer`, that is the loop's next iteration, even on the owner loop: answered
+        # at once, a group's callers ran before the loop read the next group's answer, and the
+        # ping-pong of issue 3 lost a fifth of its rate (the two processes overlapped less).
         for index, result, body in outcomes:
-            job = sent[index]
-            error = None if body is None else error_of(body)
-            future = job[2]
-            if job[3] is loop:  # on the owner loop: at once, not through the loop's self-pipe
-                if not future.done():
-                    if error is None:
-                        future.set_result(result)
-                    else:
-                        future.set_exception(error)
-            else:
-                answer(job, result, error)
+            answer(sent[index], result, None if body is None else error_of(body))
 
     def died(self, child: _Child) -> None:
         """The child is gone: fail the groups it got whole; send a torn one again, later."""
