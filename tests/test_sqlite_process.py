@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 import pachyderm
-from pachyderm import Indeterminate, Unavailable
+from pachyderm import Indeterminate, InvalidOptions, Unavailable, backends
 from pachyderm.backends import (
     Consume,
     Envelope,
@@ -345,3 +345,12 @@ async def test_a_world_takes_the_backends_turn_size_unless_its_options_say(
         await asyncio.gather(*[world.activate((Counter, f"k{i}"), "x") for i in range(20)])
     assert max(backend.sizes) == largest
     assert sum(backend.sizes) == 20
+
+
+def test_the_writer_option_in_a_url() -> None:
+    assert "writer" not in repr(backends.open("sqlite:///x.db"))
+    assert repr(backends.open("sqlite:///x.db?writer=thread&synchronous=NORMAL")) == (
+        "SQLite('x.db', synchronous='NORMAL', writer='thread')"
+    )
+    with pytest.raises(InvalidOptions, match="writer"):
+        backends.open("sqlite:///x.db?writer=fork")

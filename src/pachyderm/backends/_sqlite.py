@@ -187,7 +187,8 @@ class SQLite(Backend):
         return self._path
 
     def __repr__(self) -> str:
-        return f"SQLite({self._path!r}, synchronous={self._synchronous!r})"
+        writer = "" if self._writer == "process" else f", writer={self._writer!r}"
+        return f"SQLite({self._path!r}, synchronous={self._synchronous!r}{writer})"
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -16,9 +16,10 @@ __all__ = ["open"]
 def open(url: str) -> Backend:
     """Return the backend a URL names.
 
-    ``memory://``; ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, with an
-    optional ``?synchronous=NORMAL``; ``postgresql://user:password@host:port/database`` (or
-    ``postgres://``), with an optional ``?schema=name``; its other options go to asyncpg.
+    ``memory://``; ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, with the
+    optional ``synchronous=NORMAL`` and ``writer=thread`` (``?synchronous=NORMAL&writer=thread``);
+    ``postgresql://user:password@host:port/database`` (or ``postgres://``), with an optional
+    ``?schema=name``; its other options go to asyncpg.
 
     Raises:
         InvalidOptions: the URL's scheme or options are not known.
@@ -39,9 +40,10 @@ def open(url: str) -> Backend:
         if not path:
             raise InvalidOptions("sqlite:// needs a path: sqlite:///app.db")
         synchronous = options.pop("synchronous", "FULL")
+        writer = options.pop("writer", "process")
         if options:
             raise InvalidOptions(f"unknown sqlite:// options: {sorted(options)}")
-        return SQLite(path, synchronous=synchronous)
+        return SQLite(path, synchronous=synchronous, writer=writer)
     if parts.scheme in ("postgresql", "postgres"):
         schema = options.pop("schema", "pachyderm")
         query = urlencode(options)
