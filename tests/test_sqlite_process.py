@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +30,16 @@ from pachyderm.backends import (
 )
 from pachyderm.backends import _sqlite_child as wire
 from pachyderm.backends import _sqlite_process as sp
+
+
+@contextlib.asynccontextmanager
+async def opened(path: Path) -> AsyncIterator[SQLite]:
+    backend = SQLite(path)
+    await backend.open("default")
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
 
 
 def w(key: str, expected: int, version: int, data: bytes = b"s") -> Write:
@@ -64,24 +75,16 @@ def alive(pid: int) -> bool:
 
 
 async def test_the_writer_runs_in_another_process_kept_for_the_next_open(tmp_path: Path) -> None:
-    first = SQLite(tmp_path / "a.db")
-    await first.open("default")
-    try:
+    async with opened(tmp_path / "a.db") as first:
         assert await first.commit([w("a", 0, 1)]) == [True]
         pid = pid_of(first)
         assert pid != os.getpid()
         assert first.statistics()["transactions"] == 1  # counted by the child, told the parent
-    finally:
-        await first.aclose()
     # The idle child serves the next open, of another file.
-    second = SQLite(tmp_path / "b.db")
-    await second.open("default")
-    try:
+    async with opened(tmp_path / "b.db") as second:
         assert pid_of(second) == pid
         assert await second.load_many([("T", "a")]) == [None]
         assert await second.commit([w("b", 0, 1)]) == [True]
-    finally:
-        await second.aclose()
     # Several opens at once: each its own child; at most IDLE_CHILDREN stay.
     many = [SQLite(tmp_path / f"m{i}.db") for i in range(sp.IDLE_CHILDREN + 2)]
     for b in many:
@@ -91,19 +94,13 @@ async def test_the_writer_runs_in_another_process_kept_for_the_next_open(tmp_pat
     for b in many:
         await b.aclose()
     assert sum(map(alive, pids)) <= sp.IDLE_CHILDREN
-    third = SQLite(tmp_path / "a.db")
-    await third.open("default")
-    try:
+    async with opened(tmp_path / "a.db") as third:
         assert await third.load_many([("T", "a")]) == [Stored(1, 1, b"s")]
-    finally:
-        await third.aclose()
 
 
 async def test_a_writer_process_that_dies_fails_what_it_did_not_answer(tmp_path: Path) -> None:
-    backend = SQLite(tmp_path / "w.db")
-    await backend.open("default")
-    link = link_of(backend)
-    try:
+    async with opened(tmp_path / "w.db") as backend:
+        link = link_of(backend)
         assert await backend.commit([w("a", 0, 1)]) == [True]
         # Dies while idle: the next group gets a new child, and loses nothing.
         first = pid_of(backend)
@@ -124,16 +121,12 @@ async def test_a_writer_process_that_dies_fails_what_it_did_not_answer(tmp_path:
         assert await backend.commit([w("a", 2, 3)]) == [True]
         assert pid_of(backend) not in (first, second)
         assert backend.statistics()["transactions"] == 3
-    finally:
-        await backend.aclose()
 
 
 async def test_a_frame_the_child_never_got_whole_goes_to_the_next_child(tmp_path: Path) -> None:
-    backend = SQLite(tmp_path / "w.db")
-    await backend.open("default")
-    link = link_of(backend)
-    big = os.urandom(4 << 20)  # more than a pipe holds: the frame waits, half written
-    try:
+    async with opened(tmp_path / "w.db") as backend:
+        link = link_of(backend)
+        big = os.urandom(4 << 20)  # more than a pipe holds: the frame waits, half written
         pid = pid_of(backend)
         os.kill(pid, signal.SIGSTOP)
         pending = asyncio.ensure_future(backend.commit([w("big", 0, 1, big)]))
@@ -142,14 +135,10 @@ async def test_a_frame_the_child_never_got_whole_goes_to_the_next_child(tmp_path
         assert await pending == [True]  # sent again, whole, to a new child
         assert pid_of(backend) != pid
         assert await backend.load_many([("T", "big")]) == [Stored(1, 1, big)]
-    finally:
-        await backend.aclose()
 
 
 async def test_a_bad_value_fails_alone_in_its_group(tmp_path: Path) -> None:
-    backend = SQLite(tmp_path / "w.db")
-    await backend.open("default")
-    try:
+    async with opened(tmp_path / "w.db") as backend:
         pid = pid_of(backend)
         bad_values: list[Write] = [
             w("none", 0, 1, None),  # type: ignore[arg-type]
@@ -166,17 +155,13 @@ async def test_a_bad_value_fails_alone_in_its_group(tmp_path: Path) -> None:
         stored = await backend.load_many([("T", f"good{i}") for i in range(3)])
         assert stored == [Stored(1, 1, b"s")] * 3
         assert await backend.load_many([("T", "none"), ("T", "float")]) == [None, None]
-    finally:
-        await backend.aclose()
 
 
 async def test_a_child_that_cannot_be_started_fails_the_queue_until_one_can(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = SQLite(tmp_path / "w.db")
-    await backend.open("default")
-    link = link_of(backend)
-    try:
+    async with opened(tmp_path / "w.db") as backend:
+        link = link_of(backend)
         assert await backend.commit([w("a", 0, 1)]) == [True]
 
         def refuse(path: str) -> sp._Child:
@@ -189,8 +174,6 @@ async def test_a_child_that_cannot_be_started_fails_the_queue_until_one_can(
             await backend.commit([w("a", 1, 2)])
         monkeypatch.undo()
         assert await backend.commit([w("a", 1, 2)]) == [True]
-    finally:
-        await backend.aclose()
 
 
 @pytest.mark.parametrize("torn", [False, True])
@@ -234,29 +217,21 @@ async def test_aclose_from_another_event_loop(tmp_path: Path) -> None:
     await backend.open("default")
     assert await backend.commit([w("a", 0, 1)]) == [True]
     await asyncio.to_thread(asyncio.run, backend.aclose())  # done by the owner loop
-    again = SQLite(tmp_path / "w.db")
-    await again.open("default")
-    try:
+    async with opened(tmp_path / "w.db") as again:
         assert await again.load_many([("T", "a")]) == [Stored(1, 1, b"s")]
-    finally:
-        await again.aclose()
 
 
 async def test_a_group_over_the_frame_limit_is_sent_again_request_by_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sp, "MAX_FRAME", 1500)
-    backend = SQLite(tmp_path / "w.db")
-    await backend.open("default")
-    try:
+    async with opened(tmp_path / "w.db") as backend:
         calls = [backend.commit([w(f"k{i}", 0, 1, b"x" * 400)]) for i in range(3)]
         calls.append(backend.commit([w("huge", 0, 1, b"x" * 2000)]))
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert results[:3] == [[True]] * 3
         assert isinstance(results[3], pachyderm.TooLarge)
         assert backend.statistics()["transactions"] == 3  # one group each
-    finally:
-        await backend.aclose()
 
 
 async def test_a_file_the_child_refuses_is_unavailable_and_the_child_serves_on(
@@ -268,13 +243,9 @@ async def test_a_file_the_child_refuses_is_unavailable_and_the_child_serves_on(
         await SQLite(bad).open("default")
     assert sp._idle
     kept = sp._idle[-1].proc.pid
-    good = SQLite(tmp_path / "good.db")
-    await good.open("default")
-    try:
+    async with opened(tmp_path / "good.db") as good:
         assert pid_of(good) == kept
         assert await good.commit([w("a", 0, 1)]) == [True]
-    finally:
-        await good.aclose()
 
 
 def test_the_wire_structs_have_the_fields_of_the_backend_rows() -> None:
