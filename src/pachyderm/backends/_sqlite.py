@@ -460,7 +460,7 @@ class _Session:
         """Stop the reader and the writer without waiting (a failed open, a lost backend)."""
         self.reads.queue.put([ABANDON])
         if self.link is not None:
-            self.link.abandon()
-            self.lock.release()
+            # The lock goes once the child can write no more (as the writer thread does it).
+            self.link.abandon(on_end=self.lock.release)
         elif isinstance(self.writes, Channel):
             self.writes.queue.put([ABANDON])

@@ -3,7 +3,8 @@
 ``main`` runs in the child (``_sqlite_process`` starts it). It reads one file's settings, opens
 that file's writer (``_sqlite_writer.Writer``, the writer thread's own code), and then runs the
 groups of jobs it reads, one frame each, until the parent detaches it; then it waits for another
-file's settings, until its stdin ends. Its answers go to its stdout.
+file's settings, until its stdin ends. Its answers go to a pipe of their own (not its stdout,
+where a module might print as the interpreter starts).
 
 Frames: a 4-byte little-endian length, then MessagePack (msgspec); nothing is pickled.
 
@@ -197,10 +198,12 @@ class _Answers:
         self.outcomes.extend(outcomes)
 
 
-def main() -> None:
-    """The child's program: serve files, one after the other, until stdin ends."""
+def main(out: int) -> None:
+    """The child's program: serve files, one after the other, until stdin ends.
+
+    ``out`` is the descriptor of the answers' own pipe; stray output goes to stderr.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = os.dup(1)  # the answers' own descriptor; stray output goes to stderr
     os.dup2(2, 1)
     try:
         while (settings := receive(0)) is not None:

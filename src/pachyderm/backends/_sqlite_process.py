@@ -48,15 +48,16 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import IO, Any, Final, cast
 
 import msgspec
 
 from .._errors import Indeterminate, InvalidKey, TooLarge, Unavailable
-from . import _sqlite_child
+from . import _sqlite_child, _sqlite_schema
 from ._sqlite_child import DETACH, HEADER, MAX_FRAME, STATS, error_of, receive, send
 from ._sqlite_jobs import COMMIT, Job, Loop, answer
-from ._sqlite_schema import Database, held_lock
+from ._sqlite_schema import Database
 from ._sqlite_writer import Stats
 
 __all__ = ["GROUP_WRITES", "IDLE_CHILDREN", "IN_FLIGHT", "Link", "start_child"]
@@ -73,10 +74,12 @@ _EXIT_WAIT: Final = 60.0
 
 _ENCODE: Final = msgspec.msgpack.Encoder()
 _PATH_VARIABLE: Final = "_PACHYDERM_SQLITE_SYS_PATH"
+_ANSWERS_VARIABLE: Final = "_PACHYDERM_SQLITE_ANSWERS"
 _PROGRAM: Final = (
     "import json, os, sys; "
     f"sys.path[:] = json.loads(os.environ.pop({_PATH_VARIABLE!r})); "
-    "from pachyderm.backends._sqlite_child import main; main()"
+    "from pachyderm.backends._sqlite_child import main; "
+    f"main(int(os.environ.pop({_ANSWERS_VARIABLE!r})))"
 )
 
 
@@ -84,14 +87,18 @@ _PROGRAM: Final = (
 
 
 class _Child:
-    """A running child: its process, its pipes, and whether it died."""
+    """A running child: its process, its pipes, and whether it died.
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    Its answers come on a pipe of their own (``answers``), not its stdout, so that nothing a
+    module prints as the interpreter starts can pass for a frame.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], answers: int) -> None:
         self.proc = proc
-        self.stdin = cast(IO[bytes], proc.stdin)  # both are pipes (`take`)
-        self.stdout = cast(IO[bytes], proc.stdout)
+        self.stdin = cast(IO[bytes], proc.stdin)  # a pipe (`take`)
+        self.stdout = os.fdopen(answers, "rb", buffering=0)
         self.to_child = self.stdin.fileno()
-        self.from_child = self.stdout.fileno()
+        self.from_child = answers
         self.dead = False
         self.forked = False  # this process is a fork of the child's parent
         _children.add(self)
@@ -106,21 +113,26 @@ class _Child:
                     return child
                 child.end()
         env = dict(os.environ)
-        env[_PATH_VARIABLE] = json.dumps([p for p in sys.path if p])
+        env[_PATH_VARIABLE] = json.dumps([p or os.getcwd() for p in sys.path])
+        answers, theirs = os.pipe()
+        env[_ANSWERS_VARIABLE] = str(theirs)
         try:
             # Under the file locks' lock: a lock released while the child is between its fork
             # and its exec would stay held by the child's copy of the descriptor until the exec.
-            with held_lock:
+            with _sqlite_schema.held_lock:
                 proc = subprocess.Popen(  # noqa: S603 - our own program, by this Python
                     [sys.executable, "-I", "-c", _PROGRAM],
                     stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
+                    pass_fds=(theirs,),
                     start_new_session=True,
                     env=env,
                 )
         except OSError as e:
+            os.close(answers)
             raise Unavailable(f"cannot start the SQLite writer process ({path}): {e}") from e
-        return cls(proc)
+        finally:
+            os.close(theirs)
+        return cls(proc, answers)
 
     def exchange(self, payload: bytes) -> Any:
         """Send a frame and wait for the answer (blocking), decoded; None if it died (``dead``)."""
@@ -183,7 +195,13 @@ def _end_idle() -> None:
 
 
 def _forget_children() -> None:
-    """In a forked process: the children are its parent's; close its copies of their pipes."""
+    """In a forked process: the children are its parent's; close its copies of their pipes.
+
+    The locks are made again: the thread that held one at the fork is not in this process.
+    """
+    global _idle_lock
+    _idle_lock = threading.Lock()
+    _sqlite_schema.held_lock = threading.Lock()
     _idle.clear()
     for child in list(_children):
         child.forked = child.dead = True
@@ -254,10 +272,11 @@ class Link:
         self.collected: list[Job] = []
         self.queue: collections.deque[Job] = collections.deque()
         self.sent: collections.deque[list[Job]] = collections.deque()
-        self.out = b""
+        self.out: bytes | memoryview = b""
         self.inbox = bytearray()
         self.starting = False
         self.alone = 0
+        self.on_end: Callable[[], None] | None = None
         self.closed = False
         self.abandoned = False
         self.waiters: list[asyncio.Future[None]] = []
@@ -265,8 +284,11 @@ class Link:
     # -- start and stop -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start (or take) the child and attach its pipes to the loop."""
-        child, counts = await asyncio.to_thread(start_child, self.db)
+        """Start (or take) the child and attach its pipes to the loop.
+
+        Cancelled: the child, once it is ready, is detached and kept idle (or ended).
+        """
+        child, counts = await _started(self.db)
         self.attach(child, counts)
 
     def attach(self, child: _Child, counts: dict[str, int]) -> None:
@@ -280,8 +302,8 @@ class Link:
         child, self.child = self.child, None
         if child is not None:
             self.loop.remove_reader(child.from_child)
-            self.loop.remove_writer(child.to_child)
-            if not child.stdin.closed:
+            if not child.stdin.closed:  # (closed: its number may be another file's by now)
+                self.loop.remove_writer(child.to_child)
                 os.set_blocking(child.to_child, True)
         self.out = b""
         self.inbox.clear()
@@ -301,6 +323,7 @@ class Link:
             else:
                 self.give_up()
                 child = self.detach()  # (on a closed loop, its readers are gone already)
+                self.fail_sent(torn=bool(self.out))
                 if child is not None:
                     await asyncio.to_thread(child.end)
             return
@@ -321,10 +344,12 @@ class Link:
     def busy(self) -> bool:
         return bool(self.queue or self.sent or self.starting)
 
-    def abandon(self) -> None:
+    def abandon(self, on_end: Callable[[], None] | None = None) -> None:
         """Send nothing more, and end the child without waiting (a failed open, a cancelled
         stop, a backend never closed). From any thread: it is done on the owner loop if that
-        runs; the child finishes the groups it has, and their callers are still answered."""
+        runs; the child finishes the groups it has, and their callers are still answered.
+        ``on_end`` runs once no child of this link can write any more (from any thread)."""
+        self.on_end = on_end
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -338,14 +363,37 @@ class Link:
     def abandon_now(self) -> None:
         self.give_up()
         child = self.child
-        if child is not None and not child.stdin.closed:
+        if child is None:
+            if not self.starting:  # (a new child on its way is closed when it comes)
+                self.ended()
+            return
+        if not child.stdin.closed:
             self.loop.remove_writer(child.to_child)  # a torn frame stays torn: never run
             with contextlib.suppress(OSError):
                 child.stdin.close()  # it ends once it has answered what it has
+        if self.loop.is_closed():  # nobody will read its end: reap it here
+            self.child = None
+            self.fail_sent(torn=bool(self.out))
+            self.reap(child)
+
+    def reap(self, child: _Child) -> None:
+        """Wait for the child to exit without blocking the loop, then say so (``on_end``)."""
+
+        def end() -> None:
+            child.end()
+            self.ended()
+
+        threading.Thread(target=end, name="pachyderm-sqlite-reaper", daemon=True).start()
+
+    def ended(self) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
 
     def give_up(self) -> None:
         """Refuse new jobs and fail the queued ones: nothing more goes to a child."""
         self.closed = self.abandoned = True
+        self.alone = 0
         self.flush_collected()
         while self.queue:
             job = self.queue.popleft()
@@ -453,7 +501,7 @@ class Link:
         self.queue.extendleft(reversed(jobs))
         self.alone = len(jobs)
 
-    def write(self, child: _Child, data: bytes) -> None:
+    def write(self, child: _Child, data: bytes | memoryview) -> None:
         try:
             written = os.write(child.to_child, data)
         except BlockingIOError:
@@ -462,7 +510,7 @@ class Link:
             self.out = data
             self.loop.remove_writer(child.to_child)
             return
-        self.out = data[written:]
+        self.out = memoryview(data)[written:]  # (a slice of bytes would copy the rest each time)
         if self.out:
             self.loop.add_writer(child.to_child, self.writable, child)
         else:
@@ -527,9 +575,21 @@ class Link:
         child.dead = True
         torn = bool(self.out)  # the last frame was not written whole: the child never ran it
         self.detach()
+        self.fail_sent(torn)
+        with contextlib.suppress(OSError):
+            child.stdin.close()
+        if self.abandoned:
+            self.reap(child)
+        else:
+            self.loop.run_in_executor(None, child.end)  # reap it without blocking the loop
+        self.pump()
+
+    def fail_sent(self, torn: bool) -> None:
+        """The groups in a child that is gone: a torn one (never run) back to the queue's head,
+        the others ``Indeterminate`` (they may have committed)."""
         groups = list(self.sent)
         self.sent.clear()
-        if torn:
+        if torn and groups:
             self.queue.extendleft(reversed(groups.pop()))
         for group in groups:
             for job in group:
@@ -544,10 +604,8 @@ class Link:
                         "it may or may not have pruned"
                     )
                 answer(job, None, error)
-        with contextlib.suppress(OSError):
-            child.stdin.close()
-        self.loop.run_in_executor(None, child.end)  # reap it without blocking the loop
-        self.pump()
+        if self.abandoned:
+            self.give_up()  # the torn one too: nothing more is sent
 
     def restart(self) -> None:
         """Start a new child for the queued jobs (in a thread)."""
@@ -559,22 +617,44 @@ class Link:
     async def restarted(self) -> None:
         """Attach the new child, or fail the queued jobs if none could start."""
         try:
-            child, counts = await asyncio.to_thread(start_child, self.db)
+            child, counts = await _started(self.db)
         except BaseException as e:
             self.starting = False
+            self.alone = 0
             while self.queue:
                 job = self.queue.popleft()
                 answer(job, None, Unavailable(f"the SQLite writer process died: {e}"))
             self.pump()
+            if self.abandoned:
+                self.ended()
             if not isinstance(e, Exception):
                 raise
             return
         self.starting = False
         if self.abandoned:
             await asyncio.to_thread(child.close)
+            self.ended()
         else:
             self.attach(child, counts)
         self.pump()
+
+
+async def _started(db: Database) -> tuple[_Child, dict[str, int]]:
+    """``start_child`` in a thread. Cancelled: the child, once ready, is detached and kept."""
+    future = asyncio.get_running_loop().run_in_executor(None, start_child, db)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_release_unclaimed)
+        raise
+
+
+def _release_unclaimed(future: asyncio.Future[tuple[_Child, dict[str, int]]]) -> None:
+    """The child a cancelled start made: nobody takes it, so it is detached (in a thread)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    child, _ = future.result()
+    threading.Thread(target=child.close, name="pachyderm-sqlite-reaper", daemon=True).start()
 
 
 # Restarts in progress (a task must be referenced until it ends).
