@@ -26,10 +26,14 @@ every row it writes, and waits for it while the event loop runs Python.)
 - **A child that dies** fails the groups it did not answer: ``Indeterminate`` for a commit whose
   frame it got whole (it may have committed it), and a group whose frame it did not get whole is
   sent again, to the next child, which the next group starts.
-- **The file lock** is the parent's alone. A parent killed by SIGKILL leaves a child that
-  finishes the groups already in its pipe (at most ``IN_FLIGHT``), then sees the end of its input
-  and exits; until then SQLite's own lock holds its writes against a new process's writer, which
-  waits for it (``busy_timeout``). A process forked from the parent forgets the children.
+- **The file lock** is the parent's alone; an abandoned link (``abandon``: a cancelled
+  ``aclose``, a backend never closed) releases it only once its child has exited. A parent
+  killed by SIGKILL leaves a child that finishes the groups already in its pipe (at most
+  ``IN_FLIGHT``), then sees the end of its input and exits; until then SQLite's own lock holds
+  its writes against a new process's writer, which waits for it (``busy_timeout``). A process
+  forked from the parent forgets the children.
+- **Answers** come on a pipe of their own, not the child's stdout (where a module might print
+  as the interpreter starts).
 
 When a write is durable: when its group's ``COMMIT`` returned in the child, which only then
 answers; the caller is answered after that. Cancellation: cancelling the caller does not
