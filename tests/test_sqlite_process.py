@@ -276,8 +276,8 @@ async def test_a_file_the_child_refuses_is_unavailable_and_the_child_serves_on(
         assert await good.commit([w("a", 0, 1)]) == [True]
 
 
-def test_the_wire_structs_have_the_fields_of_the_backend_rows() -> None:
-    # The child decodes writes into these: a field added to a row must be added there too.
+def test_the_wire_structs_carry_every_field_of_the_backend_rows() -> None:
+    # The child decodes writes into Structs made from the rows: every field, every nested row.
     pairs = [
         (Write, wire.WireWrite),
         (Receipt, wire.WireReceipt),

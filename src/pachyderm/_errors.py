@@ -161,3 +161,25 @@ def failed(type_name: str, exc: Exception, method: str = "activate") -> Activati
     error = ActivationFailed(f"{type_name}.{method} raised {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
+
+
+def name_of(exc: BaseException) -> str:
+    """The name of the nearest class of the tree above ``exc``, to send it to another process;
+    ``"Unavailable"`` for an exception that is not one of ours (a failure of the sender)."""
+    if isinstance(exc, PachydermError):
+        return next(c.__name__ for c in type(exc).__mro__ if c.__name__ in _BY_NAME)
+    return "Unavailable"
+
+
+def named(name: str, text: str) -> PachydermError:
+    """The error of the tree ``name`` names, with ``text`` (``Unavailable`` for a name it is
+    not)."""
+    return _BY_NAME.get(name, Unavailable)(text)
+
+
+#: The classes of the tree, by name (what ``name_of`` sends and ``named`` rebuilds).
+_BY_NAME: dict[str, type[PachydermError]] = {
+    name: cls
+    for name in __all__
+    if isinstance(cls := globals()[name], type) and issubclass(cls, PachydermError)
+}

@@ -52,13 +52,6 @@ Handler = Callable[[str, Any], Awaitable[Any]]
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
-#: The errors a peer may name in an answer, rebuilt by name (anything else: Unavailable).
-_ERRORS: Final[dict[str, type[PachydermError]]] = {
-    name: getattr(_errors, name)
-    for name in _errors.__all__
-    if isinstance(getattr(_errors, name), type)
-    and issubclass(getattr(_errors, name), PachydermError)
-}
 
 
 class _Closed(Exception):
@@ -191,16 +184,12 @@ def _error_body(exc: BaseException) -> list[str]:
 
     An exception that is not one of ours is a failure of the peer: ``Unavailable``.
     """
-    name = "Unavailable"
-    if isinstance(exc, PachydermError):
-        name = next(c.__name__ for c in type(exc).__mro__ if c.__name__ in _ERRORS)
-    return [name, str(exc)[:1000]]
+    return [_errors.name_of(exc), str(exc)[:1000]]
 
 
 def _error_of(body: Any) -> PachydermError:
     if isinstance(body, list) and len(body) == 2 and all(isinstance(x, str) for x in body):
-        cls: type[PachydermError] = _ERRORS.get(body[0], Unavailable)
-        return cls(body[1])  # the same text as on the node that raised it
+        return _errors.named(body[0], body[1])  # the same text as on the node that raised it
     return Unavailable(f"the peer answered a malformed error: {body!r:.80}")
 
 

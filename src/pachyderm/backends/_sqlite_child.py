@@ -23,15 +23,21 @@ A job whose argument is not what a writer takes (a state that is not bytes, say)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import operator
 import os
 import signal
 import struct
+import types
+import typing
 from typing import Any, Final, cast
 
 import msgspec
 
 from .. import _errors
-from .._errors import PachydermError, Unavailable
+from .._errors import PachydermError
+from ._base import Consume, Envelope, Fence, Outbox, Receipt, Write
 from ._sqlite_jobs import COMMIT, PRUNE, Channel, Job, Loop, Outcome
 from ._sqlite_schema import Database, FileLock
 from ._sqlite_writer import Stats, Writer
@@ -67,69 +73,55 @@ STATS: Final = (
 _ENCODE: Final = msgspec.msgpack.Encoder()
 
 
-# What the child decodes a group's writes into: Structs with the fields of `_base`'s dataclasses,
-# which the writer reads the same way (by attribute), decoded in a third of the time and with no
-# `Envelope.__post_init__` call (``id`` travels). An unknown field is an error: a field added to
-# a dataclass must be added here too (a test compares them).
-class WireReceipt(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    id: str
-    version: int
-    result: bytes
-    at: float
+# What the child decodes a group's writes into: Structs made from `_base`'s dataclasses, field for
+# field (so a field added there is here too), which the writer reads the same way (by attribute),
+# decoded in a third of the time and with no `Envelope.__post_init__` call (``id`` travels). An
+# unknown field is an error.
+def _wire(row: type, made: dict[type, Any]) -> Any:
+    """The Struct of a row dataclass, its row types (already in ``made``) replaced by theirs."""
+
+    def swap(hint: Any) -> Any:
+        if hint in made:
+            return made[hint]
+        args = typing.get_args(hint)
+        if not args:
+            return hint
+        swapped = tuple(swap(a) if a is not Ellipsis else a for a in args)
+        if typing.get_origin(hint) is types.UnionType:
+            return functools.reduce(operator.or_, swapped)
+        return typing.get_origin(hint)[swapped]
+
+    hints = typing.get_type_hints(row)
+    fields = [
+        (f.name, swap(hints[f.name]))
+        if f.default is dataclasses.MISSING
+        else (f.name, swap(hints[f.name]), f.default)
+        for f in dataclasses.fields(row)
+    ]
+    made[row] = msgspec.defstruct(
+        f"Wire{row.__name__}", fields, forbid_unknown_fields=True, gc=False, module=__name__
+    )
+    return made[row]
 
 
-class WireEnvelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    sender_type: str
-    sender_key: str
-    version: int
-    index: int
-    to_type: str
-    to_key: str
-    due: float
-    name: str | None
-    data: bytes
-    id: tuple[str, str, int, int]
-
-
-class WireConsume(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    id: tuple[str, str, int, int]
-    dead: str | None = None
-    timer: bool = False
-
-
-class WireOutbox(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    sends: tuple[WireEnvelope, ...] = ()
-    cancels: tuple[str, ...] = ()
-    consumes: tuple[WireConsume, ...] = ()
-
-
-class WireFence(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    node: str
-    partition: int
-    epoch: int
-
-
-class WireWrite(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    type_name: str
-    key: str
-    expected: int
-    version: int
-    type_version: int
-    data: bytes
-    receipts: tuple[WireReceipt, ...] = ()
-    outbox: WireOutbox | None = None
-    events: tuple[bytes, ...] | None = None
-    snapshot: bool = False
-    fence: WireFence | None = None
-    fenced: bool = False
+_MADE: Final[dict[type, Any]] = {}
+WireReceipt: Final = _wire(Receipt, _MADE)
+WireEnvelope: Final = _wire(Envelope, _MADE)
+WireConsume: Final = _wire(Consume, _MADE)
+WireFence: Final = _wire(Fence, _MADE)
+WireOutbox: Final = _wire(Outbox, _MADE)
+WireWrite: Final = _wire(Write, _MADE)
 
 
 # A group, decoded whole; and, if that fails, with each argument left undecoded, to be decoded
 # alone, so that a bad one fails alone.
-_WHOLE: Final = msgspec.msgpack.Decoder(list[tuple[int, int, tuple[WireWrite, ...] | float]])
+_WRITES: Final = cast(Any, tuple)[WireWrite, ...]
+_WHOLE: Final = msgspec.msgpack.Decoder(
+    cast(Any, list)[cast(Any, tuple)[int, int, _WRITES | float]]
+)
 _GROUP: Final = msgspec.msgpack.Decoder(list[tuple[int, int, msgspec.Raw]])
 _ARGUMENTS: Final[dict[int, msgspec.msgpack.Decoder[Any]]] = {
-    COMMIT: msgspec.msgpack.Decoder(tuple[WireWrite, ...]),
+    COMMIT: msgspec.msgpack.Decoder(_WRITES),
     PRUNE: msgspec.msgpack.Decoder(float),
 }
 
@@ -164,38 +156,42 @@ def receive(fd: int) -> bytes | None:
 
 
 def error_body(error: BaseException | None) -> list[str] | None:
-    """An error as it travels: the name of its nearest class of the error tree, and its text."""
+    """An error as it travels: the name of its nearest class of the error tree (or
+    ``TypeError``, a value the writer cannot store), and its text."""
     if error is None:
         return None
-    if isinstance(error, PachydermError):
-        name = next(c.__name__ for c in type(error).__mro__ if hasattr(_errors, c.__name__))
-    else:
-        name = "TypeError" if isinstance(error, TypeError) else "Unavailable"
-    return [name, str(error)]
+    plain_type_error = isinstance(error, TypeError) and not isinstance(error, PachydermError)
+    return ["TypeError" if plain_type_error else _errors.name_of(error), str(error)]
 
 
 def error_of(body: list[str]) -> BaseException:
     """The error a body stands for (``Unavailable`` for a name it does not know)."""
     name, text = body
-    if name == "TypeError":
-        return TypeError(text)
-    cls = getattr(_errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, PachydermError):
-        return cls(text)
-    return Unavailable(text)
+    return TypeError(text) if name == "TypeError" else _errors.named(name, text)
 
 
 # -- the child ------------------------------------------------------------------------------
 
 
-class _Answers:
-    """What ``Writer`` takes for a loop, in the child: it keeps the outcomes for the reply."""
+class _Writer(Writer):
+    """The writer thread's code, in the child: it keeps each job's outcome for the reply.
 
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
+    A job's future stands in for its index in the group, and it has no loop.
+    """
 
-    def call_soon_threadsafe(self, _settle: object, outcomes: list[Outcome]) -> None:
-        self.outcomes.extend(outcomes)
+    def __init__(self, db: Database, stats: Stats) -> None:
+        super().__init__(db, cast(Channel, None), cast(FileLock, None), stats)
+        self.outcomes: list[list[Any]] = []
+
+    def answer(self, job: Job, result: object, error: BaseException | None) -> None:
+        self.outcomes.append([job[2], result, error_body(error)])
+
+    def deliver(self, outcomes: list[tuple[Loop, Outcome]]) -> None:
+        self.outcomes.extend([index, result, error_body(e)] for _, (index, result, e) in outcomes)
+
+    def take_outcomes(self) -> list[list[Any]]:
+        outcomes, self.outcomes = self.outcomes, []
+        return outcomes
 
 
 def main(out: int) -> None:
@@ -224,19 +220,18 @@ def _serve(out: int, settings: list[Any]) -> None:
         on_connect=None,
     )
     stats = Stats()
-    writer = Writer(db, cast(Channel, None), cast(FileLock, None), stats)
+    writer = _Writer(db, stats)
     try:
         conn = writer.connect()
     except BaseException as e:  # the parent raises it
         send(out, _ENCODE.encode([error_body(e), None, __file__]))
         return
     send(out, _ENCODE.encode([None, writer.counts, __file__]))
-    sink = _Answers()
     try:
         while (frame := receive(0)) is not None:
             if frame == DETACH:
                 break
-            outcomes = _run(writer, conn, frame, sink)
+            outcomes = _run(writer, conn, frame)
             reply = [outcomes, writer.counts, [getattr(stats, name) for name in STATS]]
             for name in STATS:
                 setattr(stats, name, 0)
@@ -248,38 +243,31 @@ def _serve(out: int, settings: list[Any]) -> None:
     send(out, DETACH)
 
 
-def _run(writer: Writer, conn: Any, frame: bytes, sink: _Answers) -> list[Any] | None:
-    """Run one group; its outcomes, or None if the frame could not be read at all."""
-    loop = cast(Loop, sink)
-    jobs: list[Job] = []
-    refused: list[Any] = []
+def _run(writer: _Writer, conn: Any, frame: bytes) -> list[Any] | None:
+    """Run one group; its outcomes, or None if the frame could not be read at all.
+
+    The group is decoded whole; if that fails, job by job, and a job that does not decode fails
+    alone with ``TypeError``.
+    """
     try:
-        whole = _WHOLE.decode(frame)
+        jobs = [_job(kind, arg, index) for kind, index, arg in _WHOLE.decode(frame)]
     except (msgspec.DecodeError, msgspec.ValidationError):
-        pass
-    else:
-        jobs = [(kind, arg, cast(Any, index), loop) for kind, index, arg in whole]
-        writer.run(conn, jobs)
-        outcomes = [[index, result, error_body(error)] for index, result, error in sink.outcomes]
-        sink.outcomes = []
-        return outcomes
-    try:
-        group = _GROUP.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):  # pragma: no cover - a parent's bug
-        return None
-    for kind, index, raw in group:
-        decoder = _ARGUMENTS.get(kind)
         try:
-            if decoder is None:
-                raise msgspec.ValidationError(f"no job of kind {kind!r}")
-            arg = decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            error = TypeError(f"commit() got a value SQLite cannot store: {e}")
-            refused.append([index, None, error_body(error)])
-            continue
-        jobs.append((kind, arg, cast(Any, index), loop))
+            group = _GROUP.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError):  # pragma: no cover - a bug
+            return None
+        jobs = []
+        for kind, index, raw in group:
+            try:
+                jobs.append(_job(kind, _ARGUMENTS[kind].decode(raw), index))
+            except (KeyError, msgspec.DecodeError, msgspec.ValidationError) as e:
+                error = TypeError(f"commit() got a value SQLite cannot store: {e}")
+                writer.answer(_job(kind, None, index), None, error)
     if jobs:
         writer.run(conn, jobs)
-    outcomes = [[index, result, error_body(error)] for index, result, error in sink.outcomes]
-    sink.outcomes = []
-    return outcomes + refused
+    return writer.take_outcomes()
+
+
+def _job(kind: int, arg: object, index: int) -> Job:
+    """A job of the child: its future stands in for its index in the group; it has no loop."""
+    return cast(Job, (kind, arg, index, None))

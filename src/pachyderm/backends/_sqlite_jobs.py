@@ -34,6 +34,7 @@ __all__ = [
     "RECEIPT",
     "STOP",
     "Channel",
+    "Collector",
     "Job",
     "Loop",
     "Outcome",
@@ -95,30 +96,28 @@ def answer(job: Job, result: object, error: BaseException | None) -> None:
         _deliver(job[3], [(job[2], result, error)])
 
 
-class Channel:
-    """Jobs from the event loop to one thread, coalesced per loop iteration.
+class Collector(abc.ABC):
+    """Jobs from the event loop, coalesced per loop iteration.
 
     ``submit`` (on the loop) collects the jobs of the current iteration and hands them over in
-    one piece at the next one, so that the thread wakes up once per burst of calls (and does not
-    fight the loop for the GIL while the burst is still coming in) and sees the whole burst.
+    one piece at the next one (``hand_over``), so that the writer or reader sees a whole burst
+    of calls at once. A job from another event loop is not coalesced (``foreign``).
 
-    Mutable state: ``collected`` and ``queued`` (changed on the loop only), ``taken`` (changed
-    by the thread only); ``queue`` is thread-safe.
+    Mutable state: ``collected`` (changed on the loop only).
     """
 
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
-        self.queue: queue.SimpleQueue[list[Job]] = queue.SimpleQueue()
         self.collected: list[Job] = []
-        self.queued = 0
-        self.taken = 0
 
     def request(self, kind: int, arg: object, *, now: bool = False) -> _Future:
-        """On the running loop: queue a job (at once if ``now``) and return its future."""
+        """On any running loop: queue a job (at once if ``now``) and return its future."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         job = (kind, arg, future, loop)
-        if now:
+        if loop is not self.loop:
+            self.foreign(job, now)
+        elif now:
             self.put_now(job)
         else:
             self.submit(job)
@@ -126,9 +125,6 @@ class Channel:
 
     def submit(self, job: Job) -> None:
         """Queue a job from the event loop (handed over at the next loop iteration)."""
-        if job[3] is not self.loop:  # another loop (another thread): no coalescing
-            self.queue.put([job])
-            return
         if not self.collected:
             self.loop.call_soon(self.flush)
         self.collected.append(job)
@@ -137,12 +133,44 @@ class Channel:
         jobs = self.collected
         if jobs:
             self.collected = []
-            self.queued += len(jobs)
-            self.queue.put(jobs)
+            self.hand_over(jobs)
 
     def put_now(self, job: Job) -> None:
         """Queue a job at once, after the jobs collected so far."""
         self.flush()
+        self.hand_over([job])
+
+    @abc.abstractmethod
+    def hand_over(self, jobs: list[Job]) -> None:
+        """On the loop: pass jobs on, in order."""
+
+    @abc.abstractmethod
+    def foreign(self, job: Job, now: bool) -> None:
+        """From another event loop's thread: pass one job on."""
+
+
+class Channel(Collector):
+    """Jobs from the event loop to one thread (the reader, or the writer thread).
+
+    The thread wakes up once per burst of calls (and does not fight the loop for the GIL while
+    the burst is still coming in).
+
+    Mutable state: ``collected`` and ``queued`` (changed on the loop only), ``taken`` (changed
+    by the thread only); ``queue`` is thread-safe.
+    """
+
+    def __init__(self, loop: Loop) -> None:
+        super().__init__(loop)
+        self.queue: queue.SimpleQueue[list[Job]] = queue.SimpleQueue()
+        self.queued = 0
+        self.taken = 0
+
+    def hand_over(self, jobs: list[Job]) -> None:
+        self.queued += len(jobs)
+        self.queue.put(jobs)
+
+    def foreign(self, job: Job, now: bool) -> None:
+        self.queued += 1
         self.queue.put([job])
 
     def drain(self) -> list[Job]:
@@ -247,4 +275,12 @@ class Worker(abc.ABC):
             run(conn, jobs)
         except Exception as e:  # pragma: no cover - a bug in the SQLite backend
             for job in jobs:
-                answer(job, None, Unavailable(f"internal error of the SQLite backend: {e!r}"))
+                self.answer(job, None, Unavailable(f"internal error of the SQLite backend: {e!r}"))
+
+    # How a run's jobs are answered: on their loops (the writer process answers its parent).
+
+    def answer(self, job: Job, result: object, error: BaseException | None) -> None:
+        answer(job, result, error)
+
+    def deliver(self, outcomes: list[tuple[Loop, Outcome]]) -> None:
+        deliver_all(outcomes)

@@ -60,7 +60,7 @@ import msgspec
 from .._errors import Indeterminate, InvalidKey, TooLarge, Unavailable
 from . import _sqlite_child, _sqlite_schema
 from ._sqlite_child import DETACH, HEADER, MAX_FRAME, STATS, error_of, receive, send
-from ._sqlite_jobs import COMMIT, Job, Loop, answer
+from ._sqlite_jobs import COMMIT, Collector, Job, Loop, answer
 from ._sqlite_schema import Database
 from ._sqlite_writer import Stats
 
@@ -253,8 +253,10 @@ def start_child(db: Database) -> tuple[_Child, dict[str, int]]:
 # -- the link -------------------------------------------------------------------------------
 
 
-class Link:
+class Link(Collector):
     """The event loop's side of the writer process: group commit over two pipes.
+
+    The jobs of one loop iteration come together (``Collector``), then wait in ``queue``.
 
     Mutable state, on the owner loop only: ``collected`` (this iteration's jobs), ``queue``,
     ``sent`` (the groups in the child, oldest first), ``out`` (what is left to write of the
@@ -267,13 +269,12 @@ class Link:
     """
 
     def __init__(self, db: Database, stats: Stats, loop: Loop) -> None:
+        super().__init__(loop)
         self.db = db
         self.path = db.path
         self.stats = stats
-        self.loop = loop
         self.counts: dict[str, int] = {"messages": 0, "timers": 0, "dead": 0}
         self.child: _Child | None = None
-        self.collected: list[Job] = []
         self.queue: collections.deque[Job] = collections.deque()
         self.sent: collections.deque[list[Job]] = collections.deque()
         self.out: bytes | memoryview = b""
@@ -398,49 +399,27 @@ class Link:
         """Refuse new jobs and fail the queued ones: nothing more goes to a child."""
         self.closed = self.abandoned = True
         self.alone = 0
-        self.flush_collected()
+        self.queue.extend(self.collected)
+        self.collected = []
         while self.queue:
             job = self.queue.popleft()
             answer(job, None, Unavailable(f"the SQLite backend is closed ({self.path})"))
 
     # -- requests -----------------------------------------------------------------------------
 
-    def request(self, kind: int, arg: object, *, now: bool = False) -> asyncio.Future[Any]:
-        """On any running loop: queue a job (at once if ``now``) and return its future."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        job: Job = (kind, arg, future, loop)
-        if loop is self.loop:
-            self.submit(job, now)
-        else:
-            try:
-                self.loop.call_soon_threadsafe(self.submit, job, now)
-            except RuntimeError:  # the owner loop is closed
-                future.set_exception(Unavailable(f"the SQLite backend is closed ({self.path})"))
-        return future
-
-    def submit(self, job: Job, now: bool) -> None:
+    def hand_over(self, jobs: list[Job]) -> None:
         if self.closed:
-            answer(job, None, Unavailable(f"the SQLite backend is closed ({self.path})"))
+            for job in jobs:
+                answer(job, None, Unavailable(f"the SQLite backend is closed ({self.path})"))
             return
-        if now:
-            self.flush_collected()
-            self.queue.append(job)
-            self.pump()
-            return
-        if not self.collected:
-            self.loop.call_soon(self.flush)
-        self.collected.append(job)
+        self.queue.extend(jobs)
+        self.pump()
 
-    def flush_collected(self) -> None:
-        if self.collected:
-            self.queue.extend(self.collected)
-            self.collected = []
-
-    def flush(self) -> None:
-        if self.collected:
-            self.flush_collected()
-            self.pump()
+    def foreign(self, job: Job, now: bool) -> None:
+        try:  # the owner loop queues it
+            self.loop.call_soon_threadsafe(self.put_now if now else self.submit, job)
+        except RuntimeError:  # the owner loop is closed
+            job[2].set_exception(Unavailable(f"the SQLite backend is closed ({self.path})"))
 
     def pending(self) -> int:
         return len(self.collected) + len(self.queue) + sum(map(len, self.sent))

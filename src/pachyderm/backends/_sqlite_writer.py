@@ -30,7 +30,7 @@ from typing import Final
 
 from .._errors import Indeterminate, InvalidKey, TooLarge, Unavailable
 from ._base import Consume, Outbox, Write
-from ._sqlite_jobs import COMMIT, Channel, Job, Loop, Outcome, Worker, answer, deliver_all
+from ._sqlite_jobs import COMMIT, Channel, Job, Loop, Outcome, Worker
 from ._sqlite_logs import APPEND, CREATE, VERSION, Logs
 from ._sqlite_rows import CONSUME, INSERT, SEND, run_rows
 from ._sqlite_schema import Database, FileLock, write_transaction
@@ -152,7 +152,7 @@ class Writer(Worker):
                 (loop, (future, result, None))
                 for (_, _, future, loop), result in zip(group, results, strict=True)
             ]
-        deliver_all(outcomes)
+        self.deliver(outcomes)
 
     def transact(
         self, conn: sqlite3.Connection, batches: list[tuple[Write, ...]]
@@ -358,9 +358,9 @@ class Writer(Worker):
                 with write_transaction(conn):
                     count = conn.execute(_PRUNE, (self.db.world, job[1])).rowcount
             except sqlite3.Error as e:
-                answer(job, None, Unavailable(f"SQLite could not prune receipts: {e}"))
+                self.answer(job, None, Unavailable(f"SQLite could not prune receipts: {e}"))
             else:
-                answer(job, count, None)
+                self.answer(job, count, None)
 
 
 class _OutboxOps:
