@@ -712,3 +712,14 @@ def test_interpreter_exits_without_aclose_and_with_a_commit_in_flight(db: Path) 
             assert (await b.load_many([("T", "a")]))[0] == Stored(1, 1, b"one")
 
     asyncio.run(check())
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_pending_counts_a_collected_commit_after_a_prune(db: Path, writer: str) -> None:
+    async with opened(SQLite(db, writer=writer)) as b:
+        assert await b.prune_receipts(0.0) == 0  # a request handed over at once
+        pending = asyncio.ensure_future(b.commit([w("a", 0, 1)]))
+        await asyncio.sleep(0)  # collected, not yet handed over
+        assert stat(b, "pending") == 1
+        assert await pending == [True]
+        assert stat(b, "pending") == 0
