@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pachyderm.backends import Backend, Memory, SQLite, Write
@@ -111,7 +111,7 @@ class IgnoresExpected(Memory):
         rows = await self.load_many([(w.type_name, w.key) for w in writes])
         current = [0 if row is None else row.version for row in rows]
         return await super().commit(
-            [dataclasses.replace(w, expected=v) for w, v in zip(writes, current, strict=True)]
+            [msgspec.structs.replace(w, expected=v) for w, v in zip(writes, current, strict=True)]
         )
 
 

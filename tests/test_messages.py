@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 import pachyderm
@@ -567,7 +567,7 @@ async def test_rows_built_on_the_hot_path_are_whole(monkeypatch: pytest.MonkeyPa
         assert type(outbox.consumes) is tuple
         for row in outbox.sends:
             rebuilt = backends.Envelope(
-                *(getattr(row, f.name) for f in dataclasses.fields(row) if f.init)
+                *(getattr(row, f.name) for f in msgspec.structs.fields(row) if f.name != "id")
             )
             assert row == rebuilt
             assert row.id == rebuilt.id

@@ -224,7 +224,6 @@ class Engine:
         max_batch = self.options.max_batch or self.backend.max_batch
         budget = self._turn_budget
         run_batch = self._run_batch
-        new_write = Write.__new__
         fence_of = self.fence_of
         reuse = self._reuse_writes
         spare = self.spare_writes
@@ -287,18 +286,21 @@ class Engine:
                 resident.inflight = pending
                 # The resident's own write, reused once its commit is done (the backend keeps
                 # none: `keeps_writes`): what stays the same (type, key, type version) is set
-                # once, and no object is made per activation. Else a `Write(...)` made without
-                # its Python __init__ frame, or one a passivated resident left.
+                # once, and no object is made per activation. Else a new one, or one a
+                # passivated resident left.
                 write = resident.write
                 if write is None:
-                    write = spare.pop() if spare else new_write(Write)
-                    write.type_name = info.name
-                    write.key = resident.key
-                    write.type_version = info.version
-                    write.events = None
-                    write.snapshot = False
-                    write.fence = None
-                    write.fenced = False
+                    if spare:
+                        write = spare.pop()
+                        write.type_name = info.name
+                        write.key = resident.key
+                        write.type_version = info.version
+                        write.events = None
+                        write.snapshot = False
+                        write.fence = None
+                        write.fenced = False
+                    else:
+                        write = Write(info.name, resident.key, 0, 0, info.version, b"")
                     if reuse:
                         resident.write = write
                 if fence is not None:

@@ -20,9 +20,6 @@ __all__ = ["effects_of", "faults_after_commit", "outbox_of"]
 #: The due time of a timer is never 0.0 (that marks a message to deliver at once).
 _LEAST_DUE: Final = 5e-324
 raw_encode = UNTYPED.raw_encode
-new_envelope = Envelope.__new__
-new_consume = Consume.__new__
-new_outbox = Outbox.__new__
 
 
 def effects_of(
@@ -80,19 +77,21 @@ def effects_of(
             raise TooLarge(
                 f"a message is {len(data)} bytes; max_message_bytes is {options.max_message_bytes}"
             )
-        # `Envelope(...)` without the dataclass's Python __init__ and __post_init__ frames.
-        row = new_envelope(Envelope)
-        row.sender_type = sender_type
-        row.sender_key = key
-        row.version = version
-        row.index = index
-        row.to_type = to_info.name
-        row.to_key = to_key
-        row.due = due
-        row.name = name
-        row.data = data
-        row.id = (sender_type, key, version, index)
-        out.append(row)
+        # With its id: `__post_init__` has nothing to make.
+        out.append(
+            Envelope(
+                sender_type,
+                key,
+                version,
+                index,
+                to_info.name,
+                to_key,
+                due,
+                name,
+                data,
+                (sender_type, key, version, index),
+            )
+        )
     return tuple(out)
 
 
@@ -138,7 +137,7 @@ def outbox_of(calls: list[Call]) -> Outbox | None:
 
 def _outbox_of_one(call: Call) -> Outbox | None:
     """``outbox_of([call])`` for a call whose effects hold no timer name and no cancel (else
-    None: the general case). Builds the same objects, without their Python __init__ frames."""
+    None: the general case). Builds the same objects, without the lists."""
     effects = call.effects
     if effects:
         for effect in effects:
@@ -153,17 +152,10 @@ def _outbox_of_one(call: Call) -> Outbox | None:
             return None
         consumes: tuple[Consume, ...] = ()
     else:
-        consume = new_consume(Consume)
-        consume.id = delivery.id
         result = call.result
-        consume.dead = _dead_reason(result) if isinstance(result, BaseException) else None
-        consume.timer = delivery.due != 0.0
-        consumes = (consume,)
-    outbox = new_outbox(Outbox)
-    outbox.sends = sends
-    outbox.cancels = ()
-    outbox.consumes = consumes
-    return outbox
+        dead = _dead_reason(result) if isinstance(result, BaseException) else None
+        consumes = (Consume(delivery.id, dead, delivery.due != 0.0),)
+    return Outbox(sends, (), consumes)
 
 
 def _dead_reason(error: object) -> str:

@@ -23,21 +23,16 @@ A job whose argument is not what a writer takes (a state that is not bytes, say)
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import operator
 import os
 import signal
 import struct
-import types
-import typing
 from typing import Any, Final, cast
 
 import msgspec
 
 from .. import _errors
 from .._errors import PachydermError
-from ._base import Consume, Envelope, Fence, Outbox, Receipt, Write
+from ._base import Write
 from ._sqlite_jobs import COMMIT, PRUNE, Channel, Job, Loop, Outcome
 from ._sqlite_schema import Database, FileLock
 from ._sqlite_writer import Stats, Writer
@@ -47,7 +42,6 @@ __all__ = [
     "HEADER",
     "MAX_FRAME",
     "STATS",
-    "WireWrite",
     "error_body",
     "error_of",
     "main",
@@ -73,49 +67,9 @@ STATS: Final = (
 _ENCODE: Final = msgspec.msgpack.Encoder()
 
 
-# What the child decodes a group's writes into: Structs made from `_base`'s dataclasses, field for
-# field (so a field added there is here too), which the writer reads the same way (by attribute),
-# decoded in a third of the time and with no `Envelope.__post_init__` call (``id`` travels). An
-# unknown field is an error.
-def _wire(row: type, made: dict[type, Any]) -> Any:
-    """The Struct of a row dataclass, its row types (already in ``made``) replaced by theirs."""
-
-    def swap(hint: Any) -> Any:
-        if hint in made:
-            return made[hint]
-        args = typing.get_args(hint)
-        if not args:
-            return hint
-        swapped = tuple(swap(a) if a is not Ellipsis else a for a in args)
-        if typing.get_origin(hint) is types.UnionType:
-            return functools.reduce(operator.or_, swapped)
-        return typing.get_origin(hint)[swapped]
-
-    hints = typing.get_type_hints(row)
-    fields = [
-        (f.name, swap(hints[f.name]))
-        if f.default is dataclasses.MISSING
-        else (f.name, swap(hints[f.name]), f.default)
-        for f in dataclasses.fields(row)
-    ]
-    made[row] = msgspec.defstruct(
-        f"Wire{row.__name__}", fields, forbid_unknown_fields=True, gc=False, module=__name__
-    )
-    return made[row]
-
-
-_MADE: Final[dict[type, Any]] = {}
-WireReceipt: Final = _wire(Receipt, _MADE)
-WireEnvelope: Final = _wire(Envelope, _MADE)
-WireConsume: Final = _wire(Consume, _MADE)
-WireFence: Final = _wire(Fence, _MADE)
-WireOutbox: Final = _wire(Outbox, _MADE)
-WireWrite: Final = _wire(Write, _MADE)
-
-
 # A group, decoded whole; and, if that fails, with each argument left undecoded, to be decoded
 # alone, so that a bad one fails alone.
-_WRITES: Final = cast(Any, tuple)[WireWrite, ...]
+_WRITES: Final = cast(Any, tuple)[Write, ...]
 _WHOLE: Final = msgspec.msgpack.Decoder(
     cast(Any, list)[cast(Any, tuple)[int, int, _WRITES | float]]
 )
