@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -593,6 +593,38 @@ async def test_memory_rows_are_nothing_the_garbage_collector_tracks() -> None:
             assert not any(gc.is_tracked(d) for d in rows)
         assert [table.versions[f"k{i}"] for i in range(100)] == [4] * 100
         assert await w.read((Counter, "k7")) == 4
+
+
+async def test_the_rows_a_commit_gives_its_backend_are_nothing_the_collector_tracks() -> None:
+    """The writes and outbox rows of a turn are untracked Structs: a wave of new residents (each
+    making its write) or of messages does not bring on the garbage collector's collections."""
+    import gc
+
+    from .test_messages import Ping
+
+    seen: list[backends.Write] = []
+    outboxes: list[backends.Outbox] = []
+
+    class Seen(backends.Memory):
+        async def commit(self, writes: Sequence[backends.Write]) -> list[bool]:
+            seen.extend(writes)
+            outboxes.extend(write.outbox for write in writes if write.outbox is not None)
+            return await super().commit(writes)
+
+    async with pachyderm.World(Seen(), entities=[*ALL, Ping]) as w:
+        await asyncio.gather(*[w.activate((Counter, f"k{i}"), 1) for i in range(10)])
+        await w.activate((Ping, "a"), ("b", 0, 3))
+        async with asyncio.timeout(10):
+            while w.statistics()["delivered"] < 3:
+                await asyncio.sleep(0.01)
+    assert len(seen) > 10
+    assert outboxes
+    rows: list[object] = [*seen, *outboxes]
+    for outbox in outboxes:
+        rows += [*outbox.sends, *outbox.consumes]
+    assert any(isinstance(row, backends.Envelope) for row in rows)
+    assert any(isinstance(row, backends.Consume) for row in rows)
+    assert not any(gc.is_tracked(row) for row in rows)
 
 
 async def test_a_clock_of_ones_own_is_a_pachyderm_clock() -> None:

@@ -79,10 +79,6 @@ class Engine:
         # Whether a resident keeps its write for the next one: not when the backend may still
         # read a write after its commit returned (`Backend.keeps_writes`).
         self._reuse_writes = not backend.keeps_writes
-        # The writes of passivated residents, for new residents to take (at most
-        # `SPARE_WRITES`): a miss then makes no `Write`, so a wave of misses is not a wave of
-        # new objects, each of which counts toward the garbage collector's next young collection.
-        self.spare_writes: list[Write] = []
         self.stats = {
             "activations": 0,
             "failures": 0,
@@ -226,7 +222,6 @@ class Engine:
         run_batch = self._run_batch
         fence_of = self.fence_of
         reuse = self._reuse_writes
-        spare = self.spare_writes
         while True:
             if not ready:
                 self.run_waiter = self.loop.create_future()
@@ -286,21 +281,12 @@ class Engine:
                 resident.inflight = pending
                 # The resident's own write, reused once its commit is done (the backend keeps
                 # none: `keeps_writes`): what stays the same (type, key, type version) is set
-                # once, and no object is made per activation. Else a new one, or one a
-                # passivated resident left.
+                # once, and no object is made per activation. (A `Write` is nothing the garbage
+                # collector tracks: a wave of misses, each making one, does not bring on its
+                # young collections.)
                 write = resident.write
                 if write is None:
-                    if spare:
-                        write = spare.pop()
-                        write.type_name = info.name
-                        write.key = resident.key
-                        write.type_version = info.version
-                        write.events = None
-                        write.snapshot = False
-                        write.fence = None
-                        write.fenced = False
-                    else:
-                        write = Write(info.name, resident.key, 0, 0, info.version, b"")
+                    write = Write(info.name, resident.key, 0, 0, info.version, b"")
                     if reuse:
                         resident.write = write
                 if fence is not None:

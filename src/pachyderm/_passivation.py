@@ -18,26 +18,15 @@ if TYPE_CHECKING:
     from ._core._resident import Resident
     from ._engine import Engine
 
-__all__ = ["SPARE_WRITES", "evict_over_limit", "sweep"]
+__all__ = ["evict_over_limit", "sweep"]
 
 _EVICT_STEPS: Final = 64
-#: At most this many writes of passivated residents are kept for new residents to take.
-SPARE_WRITES: Final = 1024
 
 
 def _passivate(engine: Engine, resident: Resident) -> None:
-    """The quiescent ``resident`` leaves memory; its write (no commit reads it) is kept aside."""
+    """The quiescent ``resident`` leaves memory, with its write (no commit reads it)."""
     del engine.residents[resident.ref]
     engine.stats["passivated"] += 1
-    write = resident.write
-    if write is not None:
-        resident.write = None  # never two residents on one write
-        spare = engine.spare_writes
-        if len(spare) < SPARE_WRITES:
-            # Keep none of its data: a spare write must not hold a passivated state in memory.
-            write.data, write.receipts, write.events, write.outbox = b"", (), None, None
-            write.key, write.fence = "", None
-            spare.append(write)
 
 
 def evict_over_limit(engine: Engine) -> None:
