@@ -76,9 +76,6 @@ class Engine:
         # Readers of the event streams of event-sourced entities, the same way.
         self.event_channels: dict[tuple[str, str], dict[EventChannel, None]] = {}
         self.commits: set[asyncio.Task[None]] = set()
-        # Whether a resident keeps its write for the next one: not when the backend may still
-        # read a write after its commit returned (`Backend.keeps_writes`).
-        self._reuse_writes = not backend.keeps_writes
         self.stats = {
             "activations": 0,
             "failures": 0,
@@ -221,7 +218,6 @@ class Engine:
         budget = self._turn_budget
         run_batch = self._run_batch
         fence_of = self.fence_of
-        reuse = self._reuse_writes
         while True:
             if not ready:
                 self.run_waiter = self.loop.create_future()
@@ -279,24 +275,22 @@ class Engine:
                         self.disown(resident, _moved())
                         continue
                 resident.inflight = pending
-                # The resident's own write, reused once its commit is done (the backend keeps
-                # none: `keeps_writes`): what stays the same (type, key, type version) is set
-                # once, and no object is made per activation. (A `Write` is nothing the garbage
-                # collector tracks: a wave of misses, each making one, does not bring on its
-                # young collections.)
-                write = resident.write
-                if write is None:
-                    write = Write(info.name, resident.key, 0, 0, info.version, b"")
-                    if reuse:
-                        resident.write = write
-                if fence is not None:
-                    write.fence = fence
-                    write.fenced = False
-                write.expected = resident.version
-                write.version = resident.tip_version
-                write.data = resident.tip_data
-                write.receipts = self._receipts(pending) if resident.idempotent else ()
-                write.outbox = outbox
+                # A new `Write` each time: made in C with its fields at once, it costs less than
+                # setting the fields of a reused one (a Struct's attributes are not the
+                # interpreter's specialized slots), and the garbage collector does not track it.
+                write = Write(
+                    info.name,
+                    resident.key,
+                    resident.version,
+                    resident.tip_version,
+                    info.version,
+                    resident.tip_data,
+                    self._receipts(pending) if resident.idempotent else (),
+                    outbox,
+                    None,
+                    False,
+                    fence,
+                )
                 if info.events is not None:
                     event_write(write, info, pending)
                 writes.append(write)
@@ -594,7 +588,6 @@ class Engine:
                 observer(resident, inflight, None)
             if write.outbox is not None:
                 dispatcher.committed(resident, write)
-                write.outbox = None  # the write stays with its resident: hold no rows
             if channels and resident.ref in channels:
                 self._notify(channels[resident.ref], inflight)
             if write.events and event_channels and resident.ref in event_channels:

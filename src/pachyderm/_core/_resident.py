@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from .._entity import EntityInfo
-from ..backends._base import Envelope, EnvelopeId, Write
+from ..backends._base import Envelope, EnvelopeId
 
 __all__ = ["LOADING", "READY", "STALE", "Call", "Resident"]
 
@@ -91,7 +91,6 @@ class Resident:
         "type_version",
         "used",
         "version",
-        "write",
     )
 
     def __init__(self, info: EntityInfo, key: str, now: float) -> None:
@@ -134,7 +133,6 @@ class Resident:
         # idempotency key -> the call that carries it, while it is unanswered, and a future
         # that tells other callers with the same key its outcome, (committed, value or error).
         self.idempotent: dict[str, tuple[Call, asyncio.Future[tuple[bool, Any]]]] | None = None
-        self.write: Write | None = None
 
     def quiescent(self) -> bool:
         """True when nothing is queued, running or committing: it may be passivated."""

@@ -1,9 +1,11 @@
 """The backend interface: the only place where the runtime touches storage.
 
 Rows are ``msgspec.Struct``s that the garbage collector does not track (``gc=False``: their fields
-are numbers, strings, bytes and other rows, so they can be in no cycle). Treat them as immutable:
-only ``Fence`` is frozen, since the engine reuses its writes (``keeps_writes``). A load makes up
-to a thousand ``Stored`` at once and a turn as many writes, and each tracked object made counts
+are numbers, strings, bytes and other rows, so they can be in no cycle). Treat them as immutable
+(only ``Fence`` is frozen: a backend that checks fences sets ``Write.fenced``). The world makes a
+new ``Write`` for every commit and never changes it afterwards, so a backend may keep the ones it
+is given. A load makes up to a thousand ``Stored`` at once and a turn as many writes, and each
+tracked object made counts
 toward the next young collection, which at a million entities walks the young objects out of
 cache. Rows are also ``array_like``: they encode as MessagePack arrays in field order, which is how
 the SQLite writer process gets them, in a fifth of the time a dataclass took.
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 
-class Stored(msgspec.Struct, gc=False):
+class Stored(msgspec.Struct, array_like=True, gc=False):
     """An entity's row as stored: ``version`` >= 1 counts its committed activations.
 
     For an event-sourced entity ``version`` is the seq of its last event, and ``snapshot`` the
@@ -211,13 +213,6 @@ class Backend(abc.ABC):
     #: type may store its states with pickle (``World`` refuses it), since whoever can write to
     #: the database could make this process run code.
     networked: ClassVar[bool] = False
-    #: Whether the backend may still read a ``Write`` after its ``commit`` call returned or
-    #: raised (it keeps the object, or a thread still works on it). When ``False``, the world
-    #: gives the ``Write`` objects of a commit that returned to later writes, of the same entity
-    #: or (once it was passivated) of another, with every field set again: one object less for
-    #: the garbage collector per activation. ``True``, the safe default for a backend of one's
-    #: own, makes a new ``Write`` every time.
-    keeps_writes: ClassVar[bool] = True
     #: The world's ``max_batch`` when its options leave it unset: the most entity writes one
     #: ``commit`` call gets. Smaller turns cost the event loop a little more per activation; a
     #: backend that commits off the event loop's core (SQLite's writer process) prefers them, so
@@ -251,8 +246,6 @@ class Backend(abc.ABC):
         Returns one flag per write: ``True`` committed, ``False`` lost (the stored version was
         not ``expected``; nothing of that write was applied). At most one write per entity.
         When this returns, the committed writes are durable (to the backend's documented level).
-        A backend whose ``keeps_writes`` is ``False`` reads no ``Write`` after this returns or
-        raises: the world reuses them.
 
         Raises:
             Unavailable: nothing was committed (for example the disk is full).

@@ -121,7 +121,6 @@ class Memory(Backend):
 
     scope: ClassVar[str] = "one process"
     durable: ClassVar[bool] = False
-    keeps_writes: ClassVar[bool] = False  # a row's fields are copied out of its write
 
     def __init__(self) -> None:
         self._spaces: dict[str, _Space] = {}

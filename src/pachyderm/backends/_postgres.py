@@ -102,7 +102,6 @@ class Postgres(Backend):
     scope: ClassVar[str] = "many machines"
     durable: ClassVar[bool] = True
     networked: ClassVar[bool] = True
-    keeps_writes: ClassVar[bool] = False  # `commit` reads its writes only until it returns
 
     def __init__(
         self,

@@ -133,7 +133,6 @@ class SQLite(Backend):
 
     scope: ClassVar[str] = "one machine"
     durable: ClassVar[bool] = True
-    keeps_writes: ClassVar[bool] = False  # the writer is done with a request before its answer
     max_batch: ClassVar[int] = 500  # so that two groups of callers take turns with the writer
 
     def __init__(
