@@ -486,7 +486,7 @@ class Scenario:
             row = space.rows.get(info.name, {}).get(key)
             steps = [s for s in sim.steps(_ref(name)) if s.version is not None]
             # One committed step per version, in order (coalesced writes included).
-            assert [s.version for s in steps] == list(range(1, 1 + (row[0] if row else 0))), (
+            assert [s.version for s in steps] == list(range(1, 1 + (row.version if row else 0))), (
                 f"{where}: {name} history versions"
             )
             calls = Counter(s.message[1] for s in steps if s.sender is None)

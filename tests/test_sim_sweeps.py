@@ -187,7 +187,7 @@ class Calls:
 def stored_version(sim: Simulation, ref: Any) -> int:
     info, key = sim.world._registry.resolve(ref)
     row = sim.backend._spaces["default"].rows.get(info.name, {}).get(key)
-    return 0 if row is None else int(row[0])
+    return 0 if row is None else row.version
 
 
 def committed(sim: Simulation, ref: Any) -> dict[int, Any]:

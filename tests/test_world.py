@@ -586,12 +586,12 @@ async def test_memory_rows_are_nothing_the_garbage_collector_tracks() -> None:
         space = backend._space
         assert space is not None
         table = space.rows["tests.Counter"]
-        rows = (table.versions, table.type_versions, table.data, table.snapshots)
         gc.collect()  # whatever was young is old now; a full collection untracks what it can
         for _ in range(3):
             await asyncio.gather(*[w.activate((Counter, f"k{i}"), 1) for i in range(100)])
-            assert not any(gc.is_tracked(d) for d in rows)
-        assert [table.versions[f"k{i}"] for i in range(100)] == [4] * 100
+            assert not gc.is_tracked(table)
+            assert not any(gc.is_tracked(row) for row in table.values())
+        assert [table[f"k{i}"].version for i in range(100)] == [4] * 100
         assert await w.read((Counter, "k7")) == 4
 
 

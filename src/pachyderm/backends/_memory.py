@@ -16,40 +16,6 @@ __all__ = ["Memory"]
 _KEY = operator.attrgetter("due", "sender_type", "sender_key", "version", "index")
 
 
-class _Table:
-    """One type's rows: ``key -> version``, ``-> type_version``, ``-> data`` (and, for an
-    event-sourced type, ``-> snapshot``), the fields of `Stored`.
-
-    Parallel dicts of str keys and int or bytes values: containers the garbage collector never
-    tracks, however many rows they hold and however often they change. (A tuple per row is
-    tracked when it is made: every commit would add one to the young generation, which at a
-    million entities the next young collection walks, object by object, out of cache.) A
-    `Stored` is made only when a row is loaded.
-
-    Mutable state: the dicts, changed only by `Memory.commit`.
-    """
-
-    __slots__ = ("data", "snapshots", "type_versions", "versions")
-
-    def __init__(self) -> None:
-        self.versions: dict[str, int] = {}
-        self.type_versions: dict[str, int] = {}
-        self.data: dict[str, bytes] = {}
-        self.snapshots: dict[str, int] = {}  # event-sourced rows only
-
-    def get(self, key: str) -> tuple[int, int, bytes, int | None] | None:
-        """The row of ``key`` as ``(version, type_version, data, snapshot)``; None: not stored."""
-        version = self.versions.get(key)
-        if version is None:
-            return None
-        return version, self.type_versions[key], self.data[key], self.snapshots.get(key)
-
-    def put(self, key: str, version: int, type_version: int, data: bytes) -> None:
-        self.versions[key] = version
-        self.type_versions[key] = type_version
-        self.data[key] = data
-
-
 class _Space:
     """One world's data. Mutable state: all of it, changed only by `Memory` methods."""
 
@@ -66,8 +32,12 @@ class _Space:
     )
 
     def __init__(self) -> None:
-        # type name -> its rows.
-        self.rows: dict[str, _Table] = {}
+        # type name -> key -> its row. A `Stored` is nothing the garbage collector tracks, so
+        # neither is a dict of them, however many rows it holds and however often they change
+        # (a tuple per row would be tracked when it is made: every commit would add one to the
+        # young generation, which at a million entities the next young collection walks, object
+        # by object, out of cache). Loads give the stored rows themselves (rows are immutable).
+        self.rows: dict[str, dict[str, Stored]] = {}
         # (type name, key) -> the log of an event-sourced entity: (type_version, data) of the
         # event of seq i + 1 at index i.
         self.events: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
@@ -107,7 +77,7 @@ class _Space:
         keys = self.sorted.get(type_name)
         if keys is None:
             table = self.rows.get(type_name)
-            keys = self.sorted[type_name] = [] if table is None else sorted(table.versions)
+            keys = self.sorted[type_name] = [] if table is None else sorted(table)
         return keys
 
 
@@ -146,12 +116,7 @@ class Memory(Backend):
         out: list[Stored | None] = []
         for type_name, key in refs:
             table = rows.get(type_name)
-            version = None if table is None else table.versions.get(key)
-            if table is None or version is None:
-                out.append(None)
-            else:  # `_Table.get`, inline: once per entity loaded
-                tv, data, snapshot = table.type_versions[key], table.data[key], table.snapshots
-                out.append(Stored(version, tv, data, snapshot.get(key)))
+            out.append(None if table is None else table.get(key))
         return out
 
     async def commit(self, writes: Sequence[Write]) -> list[bool]:
@@ -161,9 +126,9 @@ class Memory(Backend):
         for i, w in enumerate(writes):
             table = rows.get(w.type_name)
             if table is None:
-                table = rows[w.type_name] = _Table()
-            versions = table.versions
-            stored = versions.get(w.key, 0)  # 0: not stored (a stored version is >= 1)
+                table = rows[w.type_name] = {}
+            row = table.get(w.key)
+            stored = 0 if row is None else row.version  # 0: not stored (a version is >= 1)
             if stored != w.expected:
                 out[i] = False
                 continue
@@ -185,24 +150,20 @@ class Memory(Backend):
                     out[i] = False  # a message it applies is gone: applied or cancelled
                     continue
             if w.version != w.expected:
-                if not stored:
+                if row is None:
                     space.sorted.pop(w.type_name, None)
-                if not events:  # `_Table.put`, inline: once per write
-                    versions[w.key] = w.version
-                    table.type_versions[w.key] = w.type_version
-                    table.data[w.key] = w.data
+                if not events:
+                    table[w.key] = Stored(w.version, w.type_version, w.data)
                 else:
                     if log is None:
                         log = space.events[(w.type_name, w.key)] = []
                     log.extend((w.type_version, e) for e in events)
                     if w.snapshot:
-                        table.put(w.key, w.version, w.type_version, w.data)
-                        table.snapshots[w.key] = w.version
-                    elif not stored:
-                        table.put(w.key, w.version, w.type_version, b"")
-                        table.snapshots[w.key] = 0
-                    else:
-                        versions[w.key] = w.version  # the row keeps its snapshot
+                        table[w.key] = Stored(w.version, w.type_version, w.data, w.version)
+                    elif row is None:  # a new row, until a snapshot
+                        table[w.key] = Stored(w.version, w.type_version, b"", 0)
+                    else:  # the row keeps its snapshot
+                        table[w.key] = Stored(w.version, row.type_version, row.data, row.snapshot)
             if outbox is not None:
                 for c in outbox.consumes:
                     taken = space.take(c.id)
@@ -301,7 +262,7 @@ class Memory(Backend):
         return {
             "commits": self._commits,
             "writes": self._writes,
-            "entities": 0 if space is None else sum(len(t.versions) for t in space.rows.values()),
+            "entities": 0 if space is None else sum(len(t) for t in space.rows.values()),
             "events": 0 if space is None else sum(len(log) for log in space.events.values()),
             "outbox": self.outbox_counts(),
         }

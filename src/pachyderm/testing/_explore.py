@@ -183,7 +183,7 @@ def _fingerprint(sim: Simulation) -> tuple[tuple[str, str, bytes], ...]:
     if space is None:
         return ()
     return tuple(
-        (type_name, key, data)
+        (type_name, key, row.data)
         for type_name in sorted(space.rows)
-        for key, data in sorted(space.rows[type_name].data.items())
+        for key, row in sorted(space.rows[type_name].items())
     )

@@ -28,7 +28,7 @@ from .._errors import (
 )
 from .._eventsourced import fold
 from .._world import World
-from ..backends._base import Stored, StoredEvent, Write
+from ..backends._base import StoredEvent, Write
 from ..backends._memory import Memory
 from ._loop import VirtualLoop
 from ._network import Chooser, ClientCall, Faults, Network
@@ -508,15 +508,13 @@ class Simulation:
         for type_name in sorted(space.rows):
             info = registry.by_name(type_name)
             table = space.rows[type_name]
-            for key in sorted(table.versions):
-                row = table.get(key)
-                assert row is not None
+            for key, row in sorted(table.items()):
                 if info.events is None:
-                    out[(type_name, key)] = info.codec.decode(row[2])
+                    out[(type_name, key)] = info.codec.decode(row.data)
                 else:
                     log = space.events.get((type_name, key), [])
                     events = (StoredEvent(i + 1, *event) for i, event in enumerate(log))
-                    out[(type_name, key)] = fold(info, key, Stored(*row), events)
+                    out[(type_name, key)] = fold(info, key, row, events)
         return out
 
     def statistics(self) -> dict[str, object]:
