@@ -146,6 +146,10 @@ class Engine:
         if resident is not None:
             resident.hot = True
             return resident
+        return self.new_resident(info, key)
+
+    def new_resident(self, info: EntityInfo, key: str) -> Resident:
+        """Make the resident entity of a ref that has none, and ask for its load."""
         resident = Resident(info, key, self.clock.monotonic())
         self.residents[resident.ref] = resident  # its ref is the key: one tuple per resident
         self.order.append(resident)

@@ -24,7 +24,7 @@ _EVICT_STEPS: Final = 64
 
 
 def _passivate(engine: Engine, resident: Resident) -> None:
-    """The quiescent ``resident`` leaves memory, with its write (no commit reads it)."""
+    """The quiescent ``resident`` leaves memory."""
     del engine.residents[resident.ref]
     engine.stats["passivated"] += 1
 

@@ -323,7 +323,7 @@ class World:
         """
         resident = self._residents.get((info.name, key))
         if resident is None:
-            resident = self._engine.resident(info, key)
+            resident = self._engine.new_resident(info, key)
         else:
             resident.hot = True
         if resident.queued >= self._mailbox_size:
