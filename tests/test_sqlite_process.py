@@ -300,6 +300,20 @@ def test_a_write_reaches_the_child_whole() -> None:
     assert msgspec.to_builtins(decoded) == msgspec.to_builtins(write)
     assert decoded.outbox is not None
     assert decoded.outbox.sends[0].id == e.id == ("A", "a", 1, 0)
+    # A row of more fields than its type is refused (the child then fails that job alone).
+    fields = msgspec.msgpack.decode(msgspec.msgpack.encode(write))
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(fields), type=Write) == write
+    too_long = msgspec.msgpack.encode([[*fields, "extra"]])
+    with pytest.raises(msgspec.ValidationError):
+        wire._ARGUMENTS[COMMIT].decode(too_long)
+
+
+def test_an_envelope_id_is_always_made_from_its_fields() -> None:
+    e = Envelope("A", "a", 1, 0, "B", "b", 0.0, None, b"x")
+    assert msgspec.structs.replace(e, version=2, index=3).id == ("A", "a", 2, 3)
+    assert Envelope("A", "a", 1, 0, "B", "b", 0.0, None, b"x", ("Z", "z", 9, 9)).id == e.id
+    wrong = [*msgspec.structs.astuple(e)[:9], ("Z", "z", 9, 9)]
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(wrong), type=Envelope).id == e.id
 
 
 class Counter(pachyderm.Entity):

@@ -596,8 +596,8 @@ async def test_memory_rows_are_nothing_the_garbage_collector_tracks() -> None:
 
 
 async def test_the_rows_a_commit_gives_its_backend_are_nothing_the_collector_tracks() -> None:
-    """The writes and outbox rows of a turn are untracked Structs: a wave of new residents (each
-    making its write) or of messages does not bring on the garbage collector's collections."""
+    """The writes and outbox rows a backend gets are Structs the garbage collector does not track
+    (`gc=False`): none of them counts toward its next young collection."""
     import gc
 
     from .test_messages import Ping

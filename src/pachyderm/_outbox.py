@@ -77,20 +77,8 @@ def effects_of(
             raise TooLarge(
                 f"a message is {len(data)} bytes; max_message_bytes is {options.max_message_bytes}"
             )
-        # With its id: `__post_init__` has nothing to make.
         out.append(
-            Envelope(
-                sender_type,
-                key,
-                version,
-                index,
-                to_info.name,
-                to_key,
-                due,
-                name,
-                data,
-                (sender_type, key, version, index),
-            )
+            Envelope(sender_type, key, version, index, to_info.name, to_key, due, name, data)
         )
     return tuple(out)
 

@@ -2,13 +2,13 @@
 
 Rows are ``msgspec.Struct``s that the garbage collector does not track (``gc=False``: their fields
 are numbers, strings, bytes and other rows, so they can be in no cycle). Treat them as immutable
-(only ``Fence`` is frozen: a backend that checks fences sets ``Write.fenced``). The world makes a
-new ``Write`` for every commit and never changes it afterwards, so a backend may keep the ones it
-is given. A load makes up to a thousand ``Stored`` at once and a turn as many writes, and each
-tracked object made counts
-toward the next young collection, which at a million entities walks the young objects out of
-cache. Rows are also ``array_like``: they encode as MessagePack arrays in field order, which is how
-the SQLite writer process gets them, in a fifth of the time a dataclass took.
+(``Stored``, which Memory hands out as it keeps it, and ``Fence`` are frozen; the others are
+not, since a backend that checks fences sets ``Write.fenced``). The world makes a new ``Write``
+for every commit and never changes it afterwards, so a backend may keep the ones it is given. A
+load makes up to a thousand ``Stored`` at once and a turn as many writes, and each tracked object
+made counts toward the next young collection, which at a million entities walks the young objects
+out of cache. Rows are also ``array_like``: they encode as MessagePack arrays in field order,
+which is how the SQLite writer process gets them, in a fifth of the time a dataclass took.
 
 A backend is small on purpose. It stores, per world, one row per entity (its version, the version
 of its type that wrote it, and its encoded state), receipts (ids of idempotent calls) and the
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import ClassVar, Final
+from typing import ClassVar
 
 import msgspec
 
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-class Stored(msgspec.Struct, array_like=True, gc=False):
+class Stored(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True, frozen=True):
     """An entity's row as stored: ``version`` >= 1 counts its committed activations.
 
     For an event-sourced entity ``version`` is the seq of its last event, and ``snapshot`` the
@@ -55,7 +55,7 @@ class Stored(msgspec.Struct, array_like=True, gc=False):
     snapshot: int | None = None
 
 
-class StoredEvent(msgspec.Struct, array_like=True, gc=False):
+class StoredEvent(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True):
     """One event of an entity's log: its ``seq`` (from 1), the type version that wrote it."""
 
     seq: int
@@ -63,7 +63,7 @@ class StoredEvent(msgspec.Struct, array_like=True, gc=False):
     data: bytes
 
 
-class Receipt(msgspec.Struct, array_like=True, gc=False):
+class Receipt(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True):
     """The record of one idempotent call, committed with the write that answered it.
 
     ``id`` is unique per entity; ``version`` is the entity version it produced; ``result`` the
@@ -81,19 +81,15 @@ class Receipt(msgspec.Struct, array_like=True, gc=False):
 EnvelopeId = tuple[str, str, int, int]
 
 
-#: ``Envelope.id`` before ``__post_init__`` makes it.
-_NO_ID: Final[EnvelopeId] = ("", "", 0, -1)
-
-
-class Envelope(msgspec.Struct, array_like=True, gc=False):
+class Envelope(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True):
     """One outbox row: a message to deliver, at once (``due == 0.0``) or at a wall-clock time.
 
     ``name`` (timers only) is unique per sender: storing a row with the name of a stored row of
     the same sender replaces it. Rows are ordered by ``key()``: due time, then sender, then the
     sender's version and index, so the messages of one sender come out in the order it sent them.
 
-    ``id`` is made from the first four fields: leave it out (a given one is kept, as when a row is
-    decoded: it travels with the row).
+    ``id`` is always made from the first four fields, by ``__post_init__`` (also after a decode,
+    or ``msgspec.structs.replace``): one given is ignored.
     """
 
     sender_type: str
@@ -107,18 +103,17 @@ class Envelope(msgspec.Struct, array_like=True, gc=False):
     data: bytes
     #: ``(sender_type, sender_key, version, index)``, made once (it is read several times per
     #: message on the way).
-    id: EnvelopeId = _NO_ID
+    id: EnvelopeId = ("", "", 0, 0)
 
     def __post_init__(self) -> None:
-        if self.id is _NO_ID:
-            self.id = (self.sender_type, self.sender_key, self.version, self.index)
+        self.id = (self.sender_type, self.sender_key, self.version, self.index)
 
     def key(self) -> tuple[float, str, str, int, int]:
         """The row's place in the outbox order (what ``Backend.due`` pages by)."""
         return (self.due, self.sender_type, self.sender_key, self.version, self.index)
 
 
-class Consume(msgspec.Struct, array_like=True, gc=False):
+class Consume(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True):
     """A delivered outbox row that a write applies: it is deleted, or kept as a dead letter.
 
     ``dead`` is ``None`` when the message was applied, else why its handler failed: the row
@@ -131,7 +126,7 @@ class Consume(msgspec.Struct, array_like=True, gc=False):
     timer: bool = False
 
 
-class Outbox(msgspec.Struct, array_like=True, gc=False):
+class Outbox(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True):
     """What a write does to the outbox, in this order, in the write's transaction.
 
     1. ``consumes``: a condition, like ``expected``: every row must still be stored and not dead,
@@ -146,7 +141,7 @@ class Outbox(msgspec.Struct, array_like=True, gc=False):
     consumes: tuple[Consume, ...] = ()
 
 
-class Fence(msgspec.Struct, array_like=True, gc=False, frozen=True):
+class Fence(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True, frozen=True):
     """The partition lease a write needs (the cluster): ``node`` holds ``partition`` at ``epoch``.
 
     A fenced write also loses unless that lease is still the partition's, held by ``node`` at
@@ -160,7 +155,7 @@ class Fence(msgspec.Struct, array_like=True, gc=False, frozen=True):
     epoch: int
 
 
-class Write(msgspec.Struct, array_like=True, gc=False):
+class Write(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True):
     """One conditional write: applied only if the stored version is still ``expected``.
 
     ``expected`` is 0 for an entity never stored. ``version`` > ``expected``: one write may carry
