@@ -32,6 +32,8 @@ from pachyderm.backends import _sqlite_child as wire
 from pachyderm.backends import _sqlite_process as sp
 from pachyderm.backends._sqlite_jobs import COMMIT
 
+from .test_world import Counter
+
 
 @contextlib.asynccontextmanager
 async def opened(path: Path) -> AsyncIterator[SQLite]:
@@ -314,16 +316,6 @@ def test_an_envelope_id_is_always_made_from_its_fields() -> None:
     assert Envelope("A", "a", 1, 0, "B", "b", 0.0, None, b"x", ("Z", "z", 9, 9)).id == e.id
     wrong = [*msgspec.structs.astuple(e)[:9], ("Z", "z", 9, 9)]
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(wrong), type=Envelope).id == e.id
-
-
-class Counter(pachyderm.Entity):
-    name = "Counter"
-
-    def init(self) -> int:
-        return 0
-
-    def activate(self, message: Any, state: int) -> int:
-        return state + 1
 
 
 class Recording(Memory):
