@@ -149,12 +149,21 @@ class Engine:
         return self.new_resident(info, key)
 
     def new_resident(self, info: EntityInfo, key: str) -> Resident:
-        """Make the resident entity of a ref that has none, and ask for its load."""
-        resident = Resident(info, key, self.clock.monotonic())
-        self.residents[resident.ref] = resident  # its ref is the key: one tuple per resident
+        """Make the resident entity of a ref that has none, and ask for its load.
+
+        The miss path of ``activate``: it runs once per call on an entity not in memory.
+        """
+        resident = Resident(info, key, self.clock.monotonic())  # LOADING
+        ref = resident.ref
+        residents = self.residents
+        residents[ref] = resident  # its ref is the key: one tuple per resident
         self.order.append(resident)
-        self._request_load(resident)
-        if len(self.residents) > self.options.max_resident:
+        # Inlined `_request_load` (its phase is LOADING already).
+        self.to_load[ref] = resident
+        waiter = self.load_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if len(residents) > self.options.max_resident:
             evict_over_limit(self)
         return resident
 

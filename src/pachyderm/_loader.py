@@ -37,7 +37,11 @@ async def load_loop(engine: Engine) -> None:
             engine.load_waiter = loop.create_future()
             await engine.load_waiter
             continue
-        batch = [to_load.pop(ref) for ref in list(to_load)[:_LOAD_BATCH]]
+        if len(to_load) <= _LOAD_BATCH:  # the common case: all of them, without a pop each
+            batch = list(to_load.values())
+            to_load.clear()
+        else:
+            batch = [to_load.pop(ref) for ref in list(to_load)[:_LOAD_BATCH]]
         try:
             rows: Sequence[Stored | None] = await engine.backend.load_many([r.ref for r in batch])
         except PachydermError as exc:
@@ -110,44 +114,65 @@ def _install(
     """
     info = resident.info
     resident.error = None
+    if (
+        error is None
+        and row is not None
+        and row.type_version == info.version
+        and (row.snapshot is None or info.events is not None)
+    ):  # the common case: a row of this version of the type (the loader's hot path)
+        version, data = row.version, row.data
+        if info.codec is not UNTYPED:
+            try:
+                info.codec.decode(data)  # refuse bytes that do not fit the declared type now
+            except PachydermError as exc:
+                data = b""
+                resident.error = exc
+    else:
+        version, data = _other_row(resident, row, error)
+    resident.version = resident.tip_version = version
+    resident.data = resident.tip_data = data
+    resident.tip_obj = None
+    resident.phase = READY
+    channels = engine.channels
+    if channels:
+        channels_of = channels.get(resident.ref)
+        if channels_of and resident.error is None:
+            for channel in channels_of:  # another writer may have moved it on: tell followers
+                channel.push(version, data)
+    if resident.loaded is not None:  # readers and followers wait for it (calls do not)
+        wake_loaded(resident)
+    if resident.mailbox:
+        engine.schedule(resident)
+
+
+def _other_row(
+    resident: Resident, row: Stored | None, error: PachydermError | None
+) -> tuple[int, bytes]:
+    """``_install`` of anything but a row of this version: the version and state to install.
+
+    A row it cannot use leaves ``resident.error`` set, and ``b""`` as its state.
+    """
+    info = resident.info
     try:
         if error is not None:
             raise error
         if row is None:
-            version, data = 0, encode_init(resident)
-        elif info.events is None and row.snapshot is not None:
-            version, data = row.version, b""
+            return 0, encode_init(resident)
+        if info.events is None and row.snapshot is not None:
             resident.error = IncompatibleVersion(
                 f"{info.name}:{resident.key!r:.60} is stored as an event-sourced entity; this "
                 "code's type is not event-sourced"
             )
         elif row.type_version > info.version:
-            version, data = row.version, b""
             resident.error = IncompatibleVersion(
                 f"{info.name}:{resident.key!r:.60} was stored by version {row.type_version} "
                 f"of the type; this code is version {info.version}"
             )
-        elif row.type_version < info.version:
-            version, data = row.version, _upgrade(resident, row)
         else:
-            version, data = row.version, row.data
-            if info.codec is not UNTYPED:
-                info.codec.decode(data)  # refuse bytes that do not fit the declared type now
+            return row.version, _upgrade(resident, row)
     except PachydermError as exc:
-        version, data = (0 if row is None else row.version), b""
         resident.error = exc
-    resident.version = resident.tip_version = version
-    resident.data = resident.tip_data = data
-    resident.tip_obj = None
-    resident.phase = READY
-    channels = engine.channels.get(resident.ref)
-    if channels and resident.error is None:
-        for channel in channels:  # another writer may have moved it on: tell followers
-            channel.push(version, data)
-    if resident.loaded is not None:  # readers and followers wait for it (calls do not)
-        wake_loaded(resident)
-    if resident.mailbox:
-        engine.schedule(resident)
+    return (0 if row is None else row.version), b""
 
 
 def encode_init(resident: Resident) -> bytes:

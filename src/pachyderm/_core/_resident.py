@@ -88,7 +88,6 @@ class Resident:
         "tip_data",
         "tip_obj",
         "tip_version",
-        "type_version",
         "used",
         "version",
     )
@@ -100,7 +99,6 @@ class Resident:
         self.phase = LOADING
         self.version = 0
         self.data = b""
-        self.type_version = info.version
         self.tip_version = 0
         self.tip_data = b""
         # The decoded tip when its type is immutable (so it can be shared), else None.
@@ -135,7 +133,10 @@ class Resident:
         self.idempotent: dict[str, tuple[Call, asyncio.Future[tuple[bool, Any]]]] | None = None
 
     def quiescent(self) -> bool:
-        """True when nothing is queued, running or committing: it may be passivated."""
+        """True when nothing is queued, running or committing: it may be passivated.
+
+        ``evict_over_limit`` has a copy of this test, inlined; change both together.
+        """
         return (
             self.queued == 0
             and not self.busy
