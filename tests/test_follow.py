@@ -199,6 +199,25 @@ async def test_passivation_by_resident_count(make_backend: MakeBackend) -> None:
         assert w.statistics()["resident"] <= 10
 
 
+async def test_a_miss_over_the_limit_makes_room_for_the_next_few() -> None:
+    """Over ``max_resident``, eviction passivates ``max_resident // 256`` more (at most 64):
+    never more than the limit resident, and the hand runs once per few misses, not per miss."""
+    async with pachyderm.World(backends.Memory(), entities=[Counter], max_resident=1024) as w:
+        for i in range(1024):
+            await w.activate((Counter, str(i)), 1)
+        assert w.statistics()["resident"] == 1024
+        assert w._engine.stats["passivated"] == 0
+        await w.activate((Counter, "new"), 1)  # one over: 1 + 1024 // 256 leave
+        assert w.statistics()["resident"] == 1020
+        assert w._engine.stats["passivated"] == 5
+        for i in range(4):  # these find room
+            await w.activate((Counter, f"more{i}"), 1)
+        assert w.statistics()["resident"] == 1024
+        assert w._engine.stats["passivated"] == 5
+        values: list[Any] = [await w.read((Counter, str(i))) for i in range(5)]
+        assert values == [1] * 5  # the passivated ones (oldest first) kept their state
+
+
 async def test_residents_that_take_turns_store_only_their_own_state_and_events(
     make_backend: MakeBackend,
 ) -> None:

@@ -28,6 +28,7 @@ from pachyderm.backends import (
     SQLite,
     Stored,
     Write,
+    _sqlite_schema,
 )
 
 CHILD = str(Path(__file__).with_name("_sqlite_child.py"))
@@ -632,6 +633,24 @@ async def test_synchronous_option_reaches_the_writer(db: Path, given: str, pragm
         assert await b.commit([w("a", 0, 1)]) == [True]
         assert await b.load_many([("T", "a")]) == [Stored(1, 1, b"s")]
     assert seen == [pragma]
+
+
+async def test_the_writer_has_a_large_cache_and_wal(db: Path) -> None:
+    """A large page cache and WAL: a miss on a big file reads no page from the system."""
+    seen: list[tuple[int, int]] = []
+
+    def probe(conn: sqlite3.Connection) -> None:
+        cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+        seen.append((cache, conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]))
+
+    async with opened(SQLite(db, _on_connect=probe)) as b:
+        assert await b.commit([w("a", 0, 1)]) == [True]
+    assert seen == [(-_sqlite_schema.CACHE_KIB, _sqlite_schema.WAL_AUTOCHECKPOINT)]
+    assert _sqlite_schema.CACHE_KIB >= 32768
+    assert _sqlite_schema.WAL_AUTOCHECKPOINT >= 10000
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # and so has the reader
+        _sqlite_schema.Database.setup_reader(conn)
+        assert conn.execute("PRAGMA cache_size").fetchone() == (-_sqlite_schema.CACHE_KIB,)
 
 
 def test_class_facts(db: Path) -> None:

@@ -90,6 +90,15 @@ _KNOWN: Final = (1, 2, SCHEMA_VERSION)
 _COUNT_OUTBOX: Final = (
     "SELECT dead IS NOT NULL, due != 0, count(*) FROM outbox WHERE world = ? GROUP BY 1, 2"
 )
+#: Each connection's page cache, in KiB (SQLite's default is 2 000 KiB). A miss on a large
+#: file then reads from this cache rather than from the operating system: with a million
+#: entities, the writer process's transactions took half the time (``docs/performance.md``).
+#: It is a bound, not an allocation: a small file uses only what it has.
+CACHE_KIB: Final = 65536
+#: Pages in the WAL before a commit copies them back into the file (SQLite's default: 1000).
+#: Random updates among many rows dirty a page each: a bigger WAL holds many updates of the
+#: same page, copied back once. The WAL stays at most about 40 MiB before each checkpoint.
+WAL_AUTOCHECKPOINT: Final = 10000
 #: The accepted values of the ``synchronous`` option, and their statement.
 SYNCHRONOUS: Final = {"FULL": "PRAGMA synchronous = FULL", "NORMAL": "PRAGMA synchronous = NORMAL"}
 
@@ -221,6 +230,8 @@ class Database:
         if str(mode).lower() != "wal":
             raise Unavailable(f"{self.path}: SQLite refused WAL mode (journal_mode={mode})")
         conn.execute(self.synchronous_sql)
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         if self.max_pages is not None:
             conn.execute(f"PRAGMA max_page_count = {int(self.max_pages)}")
         with write_transaction(conn):
@@ -264,6 +275,7 @@ class Database:
     @staticmethod
     def setup_reader(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA query_only = ON")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
 
     def select(
         self, conn: sqlite3.Connection, refs: list[tuple[str, str]], columns: str
