@@ -153,16 +153,11 @@ class Engine:
 
         The miss path of ``activate``: it runs once per call on an entity not in memory.
         """
-        resident = Resident(info, key, self.clock.monotonic())  # LOADING
-        ref = resident.ref
+        resident = Resident(info, key, self.clock.monotonic())
         residents = self.residents
-        residents[ref] = resident  # its ref is the key: one tuple per resident
+        residents[resident.ref] = resident  # its ref is the key: one tuple per resident
         self.order.append(resident)
-        # Inlined `_request_load` (its phase is LOADING already).
-        self.to_load[ref] = resident
-        waiter = self.load_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._request_load(resident)
         if len(residents) > self.options.max_resident:
             evict_over_limit(self)
         return resident

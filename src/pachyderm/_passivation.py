@@ -12,23 +12,15 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Final
 
-from ._core._resident import LOADING
 from ._errors import PachydermError
 
 if TYPE_CHECKING:
-    from ._core._resident import Resident
     from ._engine import Engine
 
 __all__ = ["evict_over_limit", "sweep"]
 
 _EVICT_STEPS: Final = 64
 _EVICT_SLACK: Final = 64
-
-
-def _passivate(engine: Engine, resident: Resident) -> None:
-    """The quiescent ``resident`` leaves memory."""
-    del engine.residents[resident.ref]
-    engine.stats["passivated"] += 1
 
 
 def evict_over_limit(engine: Engine) -> None:
@@ -56,15 +48,8 @@ def evict_over_limit(engine: Engine) -> None:
             continue  # already gone: drop its place
         if resident.hot:
             resident.hot = False
-        elif (  # `resident.quiescent()`, inlined: this runs once per miss
-            resident.queued == 0
-            and not resident.busy
-            and resident.inflight is None
-            and resident.pending is None
-            and resident.phase != LOADING
-            and not resident.mailbox
-        ):
-            del residents[resident.ref]  # `_passivate`, inlined (counted once, below)
+        elif resident.quiescent():
+            del residents[resident.ref]  # it leaves memory (counted once, below)
             passivated += 1
             if passivated >= excess:
                 break
@@ -86,14 +71,17 @@ async def sweep(engine: Engine) -> None:
         await clock.sleep(interval)
         now = clock.monotonic()
         cutoff = now - options.idle_after
+        passivated = 0
         for _ in range(len(order)):  # one full turn of the hand
             resident = order.popleft()
             if residents.get(resident.ref) is not resident:
                 continue
             if resident.used <= cutoff and resident.quiescent():
-                _passivate(engine, resident)
+                del residents[resident.ref]  # it leaves memory (counted once, below)
+                passivated += 1
                 continue
             order.append(resident)
+        engine.stats["passivated"] += passivated
         if now >= next_prune:
             next_prune = now + min(options.receipt_ttl / 10, 3600.0)
             with contextlib.suppress(PachydermError):

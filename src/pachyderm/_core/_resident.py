@@ -133,10 +133,7 @@ class Resident:
         self.idempotent: dict[str, tuple[Call, asyncio.Future[tuple[bool, Any]]]] | None = None
 
     def quiescent(self) -> bool:
-        """True when nothing is queued, running or committing: it may be passivated.
-
-        ``evict_over_limit`` has a copy of this test, inlined; change both together.
-        """
+        """True when nothing is queued, running or committing: it may be passivated."""
         return (
             self.queued == 0
             and not self.busy
